@@ -1,0 +1,1 @@
+"""Building blocks from other projects, re-implemented with checkpoint-compatible names."""

@@ -1,0 +1,29 @@
+"""pip install -e . — SparseFusion, reimplemented for a current PyTorch."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sparsefusion",
+    version="0.1.0",
+    description="SparseFusion (CVPR 2023): distilling view-conditioned diffusion for 3D reconstruction",
+    python_requires=">=3.9",
+    packages=find_packages(include=["sparsefusion", "sparsefusion.*", "external", "external.*"]),
+    install_requires=[
+        "torch>=2.1",            # the models, autograd, torch.distributed
+        "torchvision>=0.16",     # ResNet-18 backbone of the EFT, VGG16 of LPIPS
+        "numpy",
+        "einops",                # tensor rearrangements in the UNet and EFT
+        "imageio",               # PNG/JPEG/GIF outputs and dataset images
+        "tqdm",                  # progress bars
+        "lpips",                 # LPIPS linear layers (the backbone is loaded offline by us)
+        "omegaconf",             # train.py YAML configuration with overrides
+        "scikit-image",          # PSNR/SSIM as upstream computes them, marching cubes
+        "safetensors",           # diffusers-format VAE weights
+        "matplotlib",            # loss plots
+        "tensorboard",           # training scalars
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "pytorch3d": ["pytorch3d"],      # optional: cross-checks of our camera conventions
+        "tcnn": ["tinycudann"],          # optional: tiny-cuda-nn grid-encoder backend
+    },
+)

@@ -1,0 +1,78 @@
+"""Checkpoint files: safe loading, strict state-dict checks, atomic saving."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsefusion.errors import UserError
+
+
+def load_file(path, what, where_to_get=None, map_location="cpu", safe_globals=()):
+    """Return the object in a torch checkpoint file, loaded with weights_only=True.
+
+    Args:
+        path: the file.
+        what: a few words naming the file's role, used in errors ("EFT checkpoint").
+        where_to_get: where a user finds the file, appended to the missing-file error.
+        safe_globals: extra classes a weights_only load may admit (see torch.serialization).
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; get it from {where_to_get}" if where_to_get else ""
+        raise UserError(f"{what} not found at {path}{hint}")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: name it, keep the cause
+        raise UserError(f"{what} at {path} could not be read ({type(err).__name__}: {err})") from err
+
+
+def state_dict_mismatches(expected, given):
+    """Return (missing, unexpected, mis-shaped) key lists between two state dicts.
+
+    mis-shaped entries read "key: expected (a, b), got (c, d)".
+    """
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    misshaped = [
+        f"{key}: expected {tuple(expected[key].shape)}, got {tuple(given[key].shape)}"
+        for key in sorted(set(expected) & set(given))
+        if tuple(expected[key].shape) != tuple(given[key].shape)
+    ]
+    return missing, unexpected, misshaped
+
+
+def _listing(label, keys, limit=8):
+    shown = ", ".join(keys[:limit]) + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+    return f"{len(keys)} {label} [{shown}]"
+
+
+def load_state_dict_strict(module, state_dict, what):
+    """Load state_dict into module; any missing, unexpected or mis-shaped key raises UserError naming them."""
+    missing, unexpected, misshaped = state_dict_mismatches(module.state_dict(), state_dict)
+    if missing or unexpected or misshaped:
+        parts = [
+            _listing(label, keys)
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if keys
+        ]
+        raise UserError(f"{what} does not match {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+    return module
+
+
+def save_atomic(obj, path):
+    """torch.save obj to path through a temporary file in the same folder, renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
