@@ -1,0 +1,114 @@
+"""What runs leave on disk: images, GIFs, loss plots, JSON — each written to a temporary name, then renamed.
+
+Images here are numpy arrays (H, W, 3) float in [0, 1] or uint8; panels are laid side by side.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+
+
+def to_uint8(image):
+    """Return image (H, W, C) as uint8, scaling floats in [0, 1] (clipped) to [0, 255]."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def side_by_side(images):
+    """Return one (H, ΣW, 3) uint8 image of equally tall panels; single-channel panels become grey."""
+    return np.hstack([_as_rgb(to_uint8(image)) for image in images])
+
+
+def _as_rgb(image):
+    if image.ndim == 2:
+        image = image[..., None]
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def image_grid(images, per_row):
+    """Return a uint8 grid of equally sized images, per_row to a row; a short last row is padded black."""
+    images = [to_uint8(image) for image in images]
+    blank = np.zeros_like(images[0])
+    rows = []
+    for start in range(0, len(images), per_row):
+        row = images[start:start + per_row]
+        rows.append(np.hstack(row + [blank] * (per_row - len(row))))
+    return np.vstack(rows)
+
+
+class _AtomicPath:
+    """A temporary path beside `path` that replaces it on success and disappears on failure."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+        return False
+
+
+def write_image(image, path, quality=95):
+    """Write an image (H, W, C) to path (.png or .jpg) atomically; returns the path."""
+    with _AtomicPath(path) as tmp:
+        options = {"quality": quality} if Path(path).suffix.lower() in (".jpg", ".jpeg") else {}
+        imageio.imwrite(tmp, to_uint8(image), **options)
+    return Path(path)
+
+
+def write_gif(frames, path, seconds_per_frame=0.2):
+    """Write frames (a list of (H, W, 3) images) as a looping GIF atomically; returns the path."""
+    with _AtomicPath(path) as tmp:
+        imageio.mimsave(tmp, [to_uint8(frame) for frame in frames], format="GIF",
+                        duration=seconds_per_frame * 1000, loop=0)
+    return Path(path)
+
+
+def write_json(data, path):
+    """Write data as indented JSON atomically; returns the path."""
+    with _AtomicPath(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return Path(path)
+
+
+def write_text(text, path):
+    """Write text atomically; returns the path."""
+    with _AtomicPath(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def plot_losses(curves, path, title=None):
+    """Plot named loss curves {name: [values per iteration]} into an image file atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name, values in curves.items():
+        if len(values):
+            axes.plot(np.arange(len(values)), values, linewidth=1, label=name)
+    axes.set_xlabel("iteration")
+    axes.legend(loc="upper right")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    with _AtomicPath(path) as tmp:
+        figure.savefig(tmp, format=Path(path).suffix.lstrip(".").replace("jpg", "jpeg"))
+    plt.close(figure)
+    return Path(path)
