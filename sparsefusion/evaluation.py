@@ -7,11 +7,10 @@ as papers report; the overall row weighs each scene once, whatever its category.
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from sparsefusion.errors import UserError
+from sparsefusion.outputs import write_json, write_text
 
 METRICS = ("psnr", "ssim", "lpips")
 # Table headers and decimals of each metric.
@@ -39,13 +38,13 @@ def scene_record(data, path):
 def load_scene_records(run_dir):
     """Return the per-scene records of every JSON file under run_dir (recursively) that holds a "sequence".
 
-    JSON files without "sequence" (configs, earlier summaries) are skipped.
+    JSON files without "sequence" (configs, earlier summaries) and hidden files (unfinished writes) are skipped.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass the folder a run wrote (e.g. output/demo)")
     records, seen = [], {}
-    for path in sorted(run_dir.rglob("*.json")):
+    for path in sorted(p for p in run_dir.rglob("*.json") if not p.name.startswith(".")):
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -119,21 +118,6 @@ def summary_markdown(summary, run_dir):
     )
 
 
-def write_text_atomic(text, path):
-    """Write text to path through a temporary file in the same folder, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def evaluate_run(run_dir, out_prefix=None):
     """Return (summary, json path, markdown path) after writing the tables of run_dir's per-scene metrics.
 
@@ -141,6 +125,6 @@ def evaluate_run(run_dir, out_prefix=None):
     """
     summary = summarize(load_scene_records(run_dir))
     prefix = Path(out_prefix) if out_prefix is not None else Path(run_dir) / SUMMARY_NAME
-    json_path = write_text_atomic(json.dumps({"run": str(run_dir), **summary}, indent=2) + "\n", f"{prefix}.json")
-    md_path = write_text_atomic(summary_markdown(summary, run_dir), f"{prefix}.md")
+    json_path = write_json({"run": str(run_dir), **summary}, f"{prefix}.json")
+    md_path = write_text(summary_markdown(summary, run_dir), f"{prefix}.md")
     return summary, json_path, md_path
