@@ -82,14 +82,14 @@ def write_gif(frames, path, seconds_per_frame=0.2):
 def write_json(data, path):
     """Write data as indented JSON atomically; returns the path."""
     with _AtomicPath(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 
 def write_text(text, path):
     """Write text atomically; returns the path."""
     with _AtomicPath(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
