@@ -1,0 +1,60 @@
+"""The three released models of a category, loaded for inference: EFT, VLDM and Stable Diffusion's VAE."""
+
+from pathlib import Path
+
+import torch
+
+from sparsefusion.distill import Models
+from sparsefusion.eft import load_eft
+from sparsefusion.errors import UserError
+from sparsefusion.fast_unet import FastPathConfig, fast_unet
+from sparsefusion.perceptual import build_lpips
+from sparsefusion.vae import LatentCodecConfig, load_latent_codec
+from sparsefusion.vldm import VLDM
+
+DEFAULT_CHECKPOINTS = {
+    "eft": "checkpoints/sf/{category}/ckpt_latest_eft.pt",
+    "vldm": "checkpoints/sf/{category}/ckpt_latest.pt",
+    "vae": "checkpoints/sd/sd-v1-3-vae.ckpt",
+}
+WHERE_TO_GET = {
+    "eft": "the SparseFusion weights folder linked in the upstream README (Google Drive), as checkpoints/sf/{category}/",
+    "vldm": "the SparseFusion weights folder linked in the upstream README (Google Drive), as checkpoints/sf/{category}/",
+    "vae": "huggingface.co/CompVis/stable-diffusion-v-1-3-original: sd-v1-3.ckpt renamed to checkpoints/sd/sd-v1-3-vae.ckpt",
+}
+FLAGS = {"eft": "-e/--eft", "vldm": "-l/--vldm", "vae": "-a/--vae"}
+
+
+def checkpoint_paths(category, args):
+    """Return {'eft', 'vldm', 'vae'} -> Path, from the flags or the default locations."""
+    given = {"eft": args.eft, "vldm": args.vldm, "vae": args.vae}
+    return {name: Path(given[name] or DEFAULT_CHECKPOINTS[name].format(category=category)) for name in given}
+
+
+def check_checkpoints(category, args):
+    """Raise UserError naming the first checkpoint that is missing and where to get it."""
+    for name, path in checkpoint_paths(category, args).items():
+        if not path.is_file():
+            raise UserError(f"{name.upper()} checkpoint not found at {path}; get it from "
+                            f"{WHERE_TO_GET[name].format(category=category)} (or pass {FLAGS[name]})")
+
+
+def unet_callable(vldm, mode, device):
+    """Return the UNet callable for the samplers: 'eager' (the module), 'compile' or 'graph' (CUDA only)."""
+    if mode == "eager" or device.type != "cuda":
+        return None
+    if mode == "compile":
+        return fast_unet(vldm.unet, FastPathConfig(compile_mode="max-autotune-no-cudagraphs", cuda_graph=False))
+    return fast_unet(vldm.unet, FastPathConfig())
+
+
+def load_models(category, args, device):
+    """Return the Models of a category on device, from the checkpoint flags or default paths."""
+    check_checkpoints(category, args)
+    paths = checkpoint_paths(category, args)
+    eft = load_eft(paths["eft"]).to(device)
+    vldm = VLDM.from_checkpoint(paths["vldm"]).to(device).eval().requires_grad_(False)
+    codec = load_latent_codec(paths["vae"], device=device, config=LatentCodecConfig(precision=args.precision))
+    return Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
+                  unet=unet_callable(vldm, args.unet, torch.device(device)),
+                  lpips=build_lpips("vgg", backbone=args.vgg_weights, device=device))

@@ -1,0 +1,135 @@
+"""Reconstruct one scene: choose input views, distill, render, score and write upstream's outputs.
+
+Files under the output folder, for scene sequence name {seq} = {category}_{index:03d}_c{views}:
+  log/{seq}_eft_grid.jpg        EFT images of the scene's cameras, 8 per row
+  log/{seq}_loss.jpg            context-view losses; log/{seq}_fusionloss.jpg the fusion loss
+  log/{seq}_vis.jpg             the latest preview: render | silhouette
+  render_imgs/{seq}/NNN.jpg     ground truth | ours, per scene camera
+  render_gifs/{seq}.gif         ground truth | EFT | ours | ground-truth mask | our mask
+  render_gifs/{seq}_circle.gif  turntable: ours | our mask
+  metrics/{seq}.txt             upstream's mean PSNR / SSIM / LPIPS
+  metrics/{seq}.json            the same per frame, plus input views, timings and the configuration
+  meshes/{seq}.ply              marching-cubes mesh of the NeRF (beyond upstream)
+  {seq}.pt                      the NeRF, {'model_state_dict': …}
+"""
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from sparsefusion.checkpoint import save_atomic
+from sparsefusion.distill import Distillation, run_distillation
+from sparsefusion.mesh import export_mesh
+from sparsefusion.metrics import scene_metrics
+from sparsefusion.outputs import image_grid, plot_losses, side_by_side, write_gif, write_image, write_json, write_text
+
+
+def input_views(n_views, scene_index, count, seed=0):
+    """Return the input view indices of a scene: the first count of a permutation seeded by seed + scene_index."""
+    generator = torch.Generator().manual_seed(seed + scene_index)
+    return torch.randperm(n_views, generator=generator)[:count].tolist()
+
+
+def sequence_label(category, scene_index, n_inputs):
+    """Return upstream's output name of a scene, e.g. hydrant_005_c2."""
+    return f"{category}_{scene_index:03d}_c{n_inputs}"
+
+
+def hwc(images):
+    """Return (N, 3|1, H, W) tensors as a list of (H, W, C) numpy arrays."""
+    return list(images.detach().float().cpu().permute(0, 2, 3, 1).numpy())
+
+
+def write_preview(out_dir, label, distillation):
+    """Write log/{label}_vis.jpg: the NeRF's render | silhouette of the first augmented circle camera."""
+    images, silhouettes = distillation.render(distillation.cameras.augmented[-1:])
+    write_image(side_by_side(hwc(images) + hwc(silhouettes)), out_dir / "log" / f"{label}_vis.jpg")
+
+
+def write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra):
+    """Write every per-scene file listed in this module's docstring except the mesh; return the JSON record."""
+    n_views = len(scene.images)
+    images, silhouettes = renders
+    eft_images = distillation.cache.eft_images[:n_views]
+    write_image(image_grid(hwc(eft_images), per_row=8), out_dir / "log" / f"{label}_eft_grid.jpg")
+    plot_losses({"volumetric": history.volumetric, "opacity": history.opacity},
+                out_dir / "log" / f"{label}_loss.jpg", title=f"{label} (every {distillation.config.log_every} it.)")
+    plot_losses({"fusion": history.fusion}, out_dir / "log" / f"{label}_fusionloss.jpg")
+
+    gt, ours, eft = hwc(scene.images), hwc(images), hwc(eft_images)
+    gt_masks, our_masks = hwc(scene.masks), hwc(silhouettes)
+    for i in range(n_views):
+        write_image(side_by_side([gt[i], ours[i]]), out_dir / "render_imgs" / label / f"{i:03d}.jpg")
+    write_gif([side_by_side([gt[i], eft[i], ours[i], gt_masks[i], our_masks[i]]) for i in range(n_views)],
+              out_dir / "render_gifs" / f"{label}.gif")
+    turn_images, turn_silhouettes = distillation.render(distillation.cameras.turntable)
+    write_gif([side_by_side([a, b]) for a, b in zip(hwc(turn_images), hwc(turn_silhouettes))],
+              out_dir / "render_gifs" / f"{label}_circle.gif")
+
+    lpips_text = "n/a" if metrics["lpips"] is None else str(metrics["lpips"])
+    write_text("warning: this metric is used for debugging only and not the final metric\n"
+               f"psnr:\n{metrics['psnr']}\nssim:\n{metrics['ssim']}\nlpips:\n{lpips_text}\n",
+               out_dir / "metrics" / f"{label}.txt")
+    save_atomic({"model_state_dict": distillation.nerf.state_dict()}, out_dir / f"{label}.pt")
+    record = {"sequence": label, **extra, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+              "lpips": metrics["lpips"], "frames": metrics["frames"],
+              "config": asdict(distillation.config)}
+    write_json(record, out_dir / "metrics" / f"{label}.json")
+    return record
+
+
+def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, device, seed=0,
+                      mesh_threshold=10.0, progress_factory=None):
+    """Distill one scene and write its outputs; return its JSON record (metrics, inputs, timings).
+
+    Args:
+        scene: a data.Scene (images (N, 3, S, S), masks, cameras).
+        progress_factory: callable(total, description) -> tqdm-like bar, or None.
+    """
+    timings = {}
+    label = sequence_label(scene.category, scene_index, n_inputs)
+    inputs = input_views(len(scene.images), scene_index, n_inputs, seed)
+    generator = torch.Generator().manual_seed(seed + scene_index)
+    device_generator = torch.Generator(device=device).manual_seed(seed + scene_index)
+    scene = scene.to(device)
+
+    start = time.perf_counter()
+    distillation = Distillation(models, scene.cameras, scene.images, scene.masks, inputs, config,
+                                generator=generator, device_generator=device_generator)
+    distillation.build_cache()
+    timings["feature_cache_s"] = time.perf_counter() - start
+
+    bar = progress_factory(config.iterations, label) if progress_factory else None
+    history, timings["distillation_s"] = run_distillation(
+        distillation, progress=bar,
+        on_log=lambda iteration, d: write_preview(out_dir, label, d))
+    if bar is not None:
+        bar.close()
+
+    start = time.perf_counter()
+    renders = distillation.render(distillation.cameras.scene)
+    metrics = scene_metrics(renders[0].cpu(), scene.images.cpu(), models.lpips)
+    timings["evaluation_s"] = time.perf_counter() - start
+    extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
+             "input_views": inputs, "n_views": len(scene.images), "timings": timings}
+    record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)
+    export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", threshold=mesh_threshold)
+    return record
+
+
+def summary_line(record):
+    """Return one line summarising a scene's record."""
+    lpips = "n/a" if record["lpips"] is None else f"{record['lpips']:.3f}"
+    seconds = sum(record["timings"].values())
+    return (f"{record['sequence']}: PSNR {record['psnr']:.2f}  SSIM {record['ssim']:.3f}  LPIPS {lpips}  "
+            f"inputs {record['input_views']}  {seconds:.0f} s")
+
+
+def mean_metrics(records):
+    """Return the mean PSNR/SSIM/LPIPS over scene records (LPIPS None if any scene lacks it)."""
+    means = {key: float(np.mean([r[key] for r in records])) for key in ("psnr", "ssim")}
+    lpips = [r["lpips"] for r in records]
+    means["lpips"] = None if any(v is None for v in lpips) else float(np.mean(lpips))
+    return means
