@@ -168,6 +168,7 @@ def main():
         finally:
             set_tf32(False)
             model = None
+            torch._dynamo.reset()  # each variant compiles afresh, within dynamo's recompilation limit
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
