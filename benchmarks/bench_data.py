@@ -37,6 +37,7 @@ def timed(fn, repeats, sync=None):
 
 
 def main():
+    """Run the timings, print a table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script runs")

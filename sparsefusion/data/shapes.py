@@ -201,16 +201,20 @@ class _Builder:
         self.primitives = []
 
     def uniform(self, low, high):
+        """Return a float drawn uniformly from [low, high)."""
         return low + (high - low) * float(torch.rand((), generator=self.generator, dtype=torch.float64))
 
     def choice(self, options):
+        """Return one of options, drawn uniformly."""
         return options[int(torch.randint(len(options), (), generator=self.generator))]
 
     def color(self, base, jitter=0.08):
+        """Return the colour base (3,) with each channel jittered by up to ±jitter, kept in [0.02, 0.98]."""
         noise = (torch.rand(3, generator=self.generator, dtype=torch.float64) - 0.5) * 2 * jitter
         return (torch.tensor(base, dtype=torch.float64) + noise).clamp(0.02, 0.98)
 
     def add(self, kind, center, size, color, axes=None, pattern="solid", color2=None, frequency=4.0):
+        """Append a Primitive (see its fields); axes default to the canonical ones."""
         self.primitives.append(Primitive(
             kind=kind, center=torch.tensor(center, dtype=torch.float64),
             axes=torch.eye(3, dtype=torch.float64) if axes is None else axes,
@@ -219,6 +223,7 @@ class _Builder:
 
 
 def build_hydrant(b):
+    """Add a fire hydrant: a striped body, a flange, a dome with a nut, side and front nozzles."""
     body = b.color(b.choice([(0.8, 0.1, 0.1), (0.9, 0.75, 0.1), (0.1, 0.5, 0.2), (0.15, 0.3, 0.75)]))
     trim = b.color((0.85, 0.85, 0.8))
     r, h = b.uniform(0.25, 0.33), b.uniform(0.45, 0.6)
@@ -233,6 +238,7 @@ def build_hydrant(b):
 
 
 def build_teddybear(b):
+    """Add a teddy bear: spotted body, head, ears, arms, legs and snout."""
     fur = b.color(b.choice([(0.55, 0.35, 0.18), (0.8, 0.65, 0.45), (0.9, 0.9, 0.85), (0.3, 0.2, 0.15)]))
     dark, light = fur * 0.6, (fur * 0.5 + 0.5).clamp(0, 1)
     body, head = b.uniform(0.3, 0.38), b.uniform(0.22, 0.28)
@@ -248,6 +254,7 @@ def build_teddybear(b):
 
 
 def build_apple(b):
+    """Add an apple: a squashed striped sphere, a stem and a leaf."""
     skin = b.color(b.choice([(0.75, 0.08, 0.08), (0.45, 0.75, 0.2), (0.9, 0.7, 0.15)]))
     r = b.uniform(0.4, 0.5)
     b.add("ellipsoid", (0, 0, 0), (r, r * b.uniform(0.8, 0.95), r), skin, pattern="stripes",
@@ -258,11 +265,13 @@ def build_apple(b):
 
 
 def build_ball(b):
+    """Add a ball: a two-colour checkered sphere."""
     b.add("ellipsoid", (0, 0, 0), (0.45,) * 3, b.color((0.92, 0.92, 0.9)), pattern="checker",
           color2=b.color(b.choice([(0.1, 0.1, 0.1), (0.8, 0.1, 0.1), (0.1, 0.2, 0.8)])), frequency=b.uniform(2.5, 4))
 
 
 def build_vase(b):
+    """Add a vase: a striped belly, a neck, a lip and a foot."""
     glaze = b.color(b.choice([(0.2, 0.35, 0.7), (0.7, 0.5, 0.3), (0.3, 0.6, 0.55)]))
     r = b.uniform(0.28, 0.36)
     b.add("ellipsoid", (0, 0, 0), (r, r * 1.3, r), glaze, pattern="stripes", color2=(glaze + 0.3).clamp(0, 1),
@@ -273,6 +282,7 @@ def build_vase(b):
 
 
 def build_bench(b):
+    """Add a bench: a slatted seat, a tilted backrest and four legs."""
     wood = b.color(b.choice([(0.55, 0.35, 0.2), (0.7, 0.55, 0.35), (0.3, 0.3, 0.32)]))
     width, depth = b.uniform(0.7, 0.9), b.uniform(0.22, 0.3)
     b.add("box", (0, 0, 0), (width, 0.035, depth), wood, pattern="stripes", color2=wood * 0.8,
@@ -284,6 +294,7 @@ def build_bench(b):
 
 
 def build_suitcase(b):
+    """Add a suitcase: a checkered shell, a telescopic handle and two wheels."""
     shell = b.color(b.choice([(0.15, 0.15, 0.18), (0.6, 0.1, 0.15), (0.2, 0.4, 0.6), (0.8, 0.6, 0.2)]))
     w, h, d = b.uniform(0.35, 0.45), b.uniform(0.45, 0.55), b.uniform(0.15, 0.2)
     b.add("box", (0, 0, 0), (w, h, d), shell, pattern="checker", color2=shell * 0.75, frequency=b.uniform(3, 5))
@@ -296,6 +307,7 @@ def build_suitcase(b):
 
 
 def build_cake(b):
+    """Add a cake: a spotted base tier, a top tier, candles and flames."""
     icing = b.color(b.choice([(0.95, 0.85, 0.9), (0.95, 0.95, 0.85), (0.5, 0.3, 0.2)]))
     r = b.uniform(0.4, 0.5)
     b.add("cylinder", (0, 0, 0), (r, 0.15, r), icing, pattern="spots", color2=b.color((0.8, 0.2, 0.4)),

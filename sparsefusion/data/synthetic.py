@@ -332,7 +332,7 @@ def parse_image_size(text):
     return height, width
 
 
-def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames=24, seed=0,
+def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames=32, seed=0,
                      image_sizes=((150, 200), (240, 160)), eval_scenes=None, supersample=2, show_progress=True):
     """Write a synthetic dataset in the CO3Dv2 layout under root; return a summary dict.
 
@@ -383,12 +383,14 @@ def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames
 
 
 def main(argv=None):
+    """Parse the command line, write the dataset, print its JSON summary."""
     parser = argparse.ArgumentParser(description="Write a synthetic dataset in the CO3Dv2 on-disk format.")
     parser.add_argument("--root", default="data/synthetic", help="output folder (default: data/synthetic)")
     parser.add_argument("--categories", nargs="+", default=["hydrant", "teddybear"],
                         help=f"categories, from {', '.join(SYNTHETIC_CATEGORIES)}")
     parser.add_argument("--scenes", type=int, default=3, help="scenes (sequences) per category")
-    parser.add_argument("--frames", type=int, default=24, help="frames per scene (CO3D loaders skip scenes of <= 10)")
+    parser.add_argument("--frames", type=int, default=32,
+                        help="frames per scene (default 32: the views a demo scene takes; loaders skip scenes of <= 10)")
     parser.add_argument("--seed", type=int, default=0, help="everything follows from this seed")
     parser.add_argument("--image-sizes", nargs="+", default=["150x200", "240x160"],
                         help="HxW sizes, used by scenes in turn (default: 150x200 240x160)")
