@@ -13,6 +13,7 @@ setup(
         "numpy",
         "einops",                # tensor rearrangements in the UNet and EFT
         "imageio",               # PNG/JPEG/GIF outputs and dataset images
+        "pillow",                # reading CO3D images and masks exactly as implicitron does (PIL convert)
         "tqdm",                  # progress bars
         "lpips",                 # LPIPS linear layers (the backbone is loaded offline by us)
         "omegaconf",             # train.py YAML configuration with overrides
