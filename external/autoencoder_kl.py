@@ -70,7 +70,7 @@ class AttnBlock(nn.Module):
         """Return x + attention(x), (B, C, H, W); the softmax is scaled by C^-1/2 as in ldm."""
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
         h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)

@@ -222,7 +222,11 @@ class LatentCodecConfig:
 
 
 class LatentCodec(nn.Module):
-    """Frozen SD VAE mapping images in [0, 1] to scaled latents (encode_images) and back (decode_latents)."""
+    """Frozen SD VAE mapping images in [0, 1] to scaled latents (encode_images) and back (decode_latents).
+
+    Gradients flow only if the caller asks for them (upstream wraps both calls in torch.no_grad()).
+    channels_last converts the given vae's weights in place.
+    """
 
     def __init__(self, vae, config=None):
         super().__init__()
@@ -249,13 +253,13 @@ class LatentCodec(nn.Module):
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[-2:])}")
         with self._autocast(images.device):
             posterior = self.vae.encode(self._layout(images * 2.0 - 1.0))
-        return posterior.mode().float() * self.config.scale_factor
+        return posterior.mode().float().contiguous() * self.config.scale_factor
 
     def decode_latents(self, latents):
         """Return images (B, 3, 8h, 8w), float32 in [0, 1] (clamped as upstream), of latents (B, 4, h, w)."""
         with self._autocast(latents.device):
             images = self.vae.decode(self._layout(latents / self.config.scale_factor))
-        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return ((images.float().contiguous() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def load_latent_codec(path=DEFAULT_VAE_PATH, device="cpu", config=None, vae_config=None):
