@@ -38,8 +38,9 @@ class SkippedPickledObject:
         self.state = state
 
 
-# SD v1 checkpoints were written by PyTorch Lightning 1.x: 'callbacks' is keyed by the ModelCheckpoint class, and
-# the LR scheduler's state holds numpy scalars and arrays (module paths of numpy 1.x; numpy 2.x writes numpy._core).
+# SD v1 checkpoints were written by PyTorch Lightning 1.x: 'callbacks' is keyed by the ModelCheckpoint class. Lightning
+# files may also pickle numpy scalars and arrays (ldm's LR-schedule objects compute with numpy; other SD loaders'
+# allow-lists admit exactly these), under numpy 1.x's paths; numpy 2.x writes numpy._core.
 # weights_only loading rejects these globals; we admit exactly them, each as an inert placeholder.
 SKIPPED_GLOBALS = (
     "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
