@@ -185,13 +185,14 @@ def level_corners(levels, level, inputs):
 def grid_encode_reference(inputs, embeddings, levels):
     """Return the grid encoding (P, L·C) of points (P, D) in [0, 1] from the table embeddings (rows, C).
 
-    Differentiable in both inputs and embeddings through ordinary autograd; any float dtype.
+    Differentiable in both inputs and embeddings through ordinary autograd; any float dtype. All
+    levels are gathered at once so the table gradient is one scatter into one buffer.
     """
     inside = ((inputs >= 0) & (inputs <= 1)).all(dim=-1, keepdim=True)  # (P, 1)
-    features = []
-    for level in range(levels.num_levels):
-        rows, weights = level_corners(levels, level, inputs)                     # (P, 2^D) each
-        values = embeddings.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (P, 2^D, C)
-        level_features = (weights.unsqueeze(1) @ values).squeeze(1)                # (P, C)
-        features.append(torch.where(inside, level_features, torch.zeros_like(level_features)))
-    return torch.cat(features, dim=-1)
+    corners = [level_corners(levels, level, inputs) for level in range(levels.num_levels)]
+    rows = torch.stack([r for r, _ in corners], dim=1)        # (P, L, 2^D)
+    weights = torch.stack([w for _, w in corners], dim=1)     # (P, L, 2^D)
+    values = embeddings.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (P, L, 2^D, C)
+    features = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (P, L, C)
+    features = features.reshape(inputs.shape[0], -1)
+    return torch.where(inside, features, torch.zeros_like(features))
