@@ -171,7 +171,8 @@ def compare_triton_with_reference(device, n_points, configs):
 TRITON_CONFIGS = [
     UPSTREAM_GRID,
     GridConfig(num_levels=5, level_dim=4, base_resolution=5, per_level_scale=1.9, log2_hashmap_size=9, gridtype="hash"),
-    GridConfig(num_levels=3, level_dim=1, base_resolution=7, log2_hashmap_size=10, gridtype="tiled", align_corners=True),
+    GridConfig(num_levels=3, level_dim=1, base_resolution=7, log2_hashmap_size=10, gridtype="tiled",
+               align_corners=True),
 ]
 
 

@@ -103,7 +103,8 @@ def test_near_far_from_the_box():
     rays_d = torch.tensor([[0.0, 0.0, 1.0], [0.28, 0.0, 0.96], [1.0, 0.0, 0.0], [0.6, 0.0, 0.8], [0.0, 0.0, 1.0]])
     near, far = near_far_from_aabb(rays_o, rays_d, BOX, min_near=0.1)
     # straight through; in at z = −4 and out through the side x = 4; from inside (near clamped to min_near)
-    assert near[:3].tolist() == pytest.approx([6.0, 6.25, 0.1]) and far[:3].tolist() == pytest.approx([14.0, 4 / 0.28, 3.0])
+    assert near[:3].tolist() == pytest.approx([6.0, 6.25, 0.1])
+    assert far[:3].tolist() == pytest.approx([14.0, 4 / 0.28, 3.0])
     # the last two miss the box: nothing to integrate
     assert near[3:].tolist() == pytest.approx([0.1, 0.1]) and far[3:].tolist() == pytest.approx([0.1, 0.1])
 

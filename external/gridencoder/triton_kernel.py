@@ -50,7 +50,7 @@ def _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK: tl.constexp
     """Load one block of points and one level's constants; return positions split into corner and fraction."""
     block = tl.program_id(0)
     level = tl.program_id(1)
-    points = block * BLOCK + tl.arange(0, BLOCK)
+    points = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: P·L·C may pass 2^31
     valid = points < n_points
     x = tl.load(x_ptr + points * 3 + 0, mask=valid, other=0.0)
     y = tl.load(x_ptr + points * 3 + 1, mask=valid, other=0.0)
