@@ -13,6 +13,7 @@ synchronised around each; errors are max |fast − reference| / max |reference|.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from external.gridencoder import GridConfig, grid_encode, grid_levels, triton_available  # noqa: E402
+from external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
 from external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
 from external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
 from external.nerf_renderer import RenderConfig  # noqa: E402
 
 UPSTREAM_GRID = NeRFConfig().grid_config()
-HASH_GRID = GridConfig(**{**vars(UPSTREAM_GRID), "gridtype": "hash"})
+HASH_GRID = dataclasses.replace(UPSTREAM_GRID, gridtype="hash")
 
 
 def synchronize(device):

@@ -97,11 +97,17 @@ def obj_bytes(vertices, faces, colors):
     return ("\n".join(lines) + "\n").encode("ascii")
 
 
-def write_mesh(path, vertices, faces, colors):
-    """Write a coloured triangle mesh to path (.ply or .obj, chosen by suffix) atomically; return the path."""
+def checked_mesh_path(path):
+    """Return path as a Path if it names a mesh format we write, else raise UserError."""
     path = Path(path)
     if path.suffix.lower() not in MESH_FORMATS:
         raise UserError(f"mesh file {path} must end in {' or '.join(MESH_FORMATS)}")
+    return path
+
+
+def write_mesh(path, vertices, faces, colors):
+    """Write a coloured triangle mesh to path (.ply or .obj, chosen by suffix) atomically; return the path."""
+    path = checked_mesh_path(path)
     encode = ply_bytes if path.suffix.lower() == ".ply" else obj_bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -134,8 +140,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        if Path(args.output).suffix.lower() not in MESH_FORMATS:
-            raise UserError(f"mesh file {args.output} must end in {' or '.join(MESH_FORMATS)}")
+        checked_mesh_path(args.output)  # before the slow part
         network = NeRFNetwork(NeRFConfig(bound=args.bound))
         checkpoint = load_file(args.checkpoint, "NeRF checkpoint")
         state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint

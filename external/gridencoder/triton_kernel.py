@@ -41,8 +41,8 @@ def _corner_row(gx, gy, gz, row0, size, axis, dims, hashed):
     hashed_index = (
         ((gx * 1) & 0xFFFFFFFF) ^ ((gy * 2654435761) & 0xFFFFFFFF) ^ ((gz * 805459861) & 0xFFFFFFFF)
     )
-    index = tl.where(hashed != 0, hashed_index, dense)
-    return row0 + index % size
+    index = tl.where(hashed != 0, hashed_index, dense).to(tl.uint32)  # < 2^32: a 32-bit remainder suffices
+    return row0 + (index % size.to(tl.uint32)).to(tl.int64)
 
 
 @triton.jit
