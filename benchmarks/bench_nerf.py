@@ -180,13 +180,14 @@ def main():
     parser.add_argument("--points", type=int, default=None, help="points per encoder call (default 2^21, small 2^12)")
     parser.add_argument("--rays", type=int, default=None, help="image side in rays (default 128, small 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20, small 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, small 1)")
     parser.add_argument("--out", default="bench_nerf.json", help="JSON file for the results")
     args = parser.parse_args()
     device = torch.device(args.device)
     n_points = args.points or (2**12 if args.small else 2**21)
     size = args.rays or (16 if args.small else 128)
     repeats = args.repeats or (2 if args.small else 20)
-    warmup = 1 if args.small else 3
+    warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
 
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from external.gridencoder import BACKENDS, GridConfig, GridEncoder
-from external.gridencoder.reference import GRID_TYPES, check_choice
+from external.gridencoder.reference import check_choice
 from external.nerf_renderer import RenderConfig, render
 
 
@@ -45,7 +45,7 @@ class NeRFConfig:
             base_resolution=self.base_resolution,
             log2_hashmap_size=self.log2_hashmap_size,
             desired_resolution=desired,
-            gridtype=check_choice("gridtype", self.gridtype, GRID_TYPES),
+            gridtype=self.gridtype,
         )
 
 
