@@ -58,7 +58,6 @@ def main():
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "iterations": args.iterations, "unet": args.unet,
               "precision": args.precision, "extra": args.extra, "timings_s": record["timings"],
-              "seconds_per_iteration": record["timings"]["distillation_s"] / args.iterations,
               "scene_total_s": total}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

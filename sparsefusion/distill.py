@@ -258,15 +258,17 @@ class History:
 
 
 def run_distillation(distillation, progress=None, on_log=None):
-    """Run all iterations of a Distillation; return (History, seconds).
+    """Run all iterations of a Distillation; return (History, {'bootstrap_s', 'diffusion_s'}).
 
     progress: a tqdm-like bar (update, set_postfix) or None; on_log(iteration, distillation) is
     called every log_every iterations (previews, plots).
     """
     cfg = distillation.config
     history = History()
-    start = time.perf_counter()
+    clock = PhaseClock(distillation.device)
     for iteration in range(cfg.iterations):
+        if iteration == cfg.fusion_start + 1:
+            clock.lap("bootstrap_s")
         losses = distillation.step(iteration)
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
             history.append(iteration, losses)
@@ -276,7 +278,23 @@ def run_distillation(distillation, progress=None, on_log=None):
                 on_log(iteration, distillation)
         if progress is not None:
             progress.update(1)
-    return history, time.perf_counter() - start
+    clock.lap("diffusion_s" if cfg.iterations > cfg.fusion_start + 1 else "bootstrap_s")
+    return history, clock.laps
+
+
+class PhaseClock:
+    """Wall time of consecutive phases, synchronising the device only at their ends."""
+
+    def __init__(self, device):
+        self.device, self.laps = device, {}
+        self.start = time.perf_counter()
+
+    def lap(self, name):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = now - self.start
+        self.start = now
 
 
 def config_dict(config):

@@ -102,9 +102,9 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     timings["feature_cache_s"] = time.perf_counter() - start
 
     bar = progress_factory(config.iterations, label) if progress_factory else None
-    history, timings["distillation_s"] = run_distillation(
-        distillation, progress=bar,
-        on_log=lambda iteration, d: write_preview(out_dir, label, d))
+    history, phases = run_distillation(distillation, progress=bar,
+                                       on_log=lambda iteration, d: write_preview(out_dir, label, d))
+    timings.update(phases)
     if bar is not None:
         bar.close()
 

@@ -71,7 +71,7 @@ def test_every_output_is_written(run):
     assert sorted(p.name for p in (out / "render_imgs" / label).iterdir()) == [f"{i:03d}.jpg" for i in range(n_views)]
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))  # no half-written files
     assert record["input_views"] == torch.randperm(n_views, generator=torch.Generator().manual_seed(0))[:2].tolist()
-    assert set(record["timings"]) == {"feature_cache_s", "distillation_s", "evaluation_s"}
+    assert set(record["timings"]) == {"feature_cache_s", "bootstrap_s", "diffusion_s", "evaluation_s"}
     summary = json.loads((out / "summary.json").read_text())
     assert [s["sequence"] for s in summary["scenes"]] == [label]
     nerf = torch.load(out / f"{label}.pt", weights_only=True)["model_state_dict"]
