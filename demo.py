@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sparsefusion.data import CO3D_ALL_CATEGORIES, CO3D_ALL_TEN, DATASETS, load_dataset
+from sparsefusion.data import CO3D_ALL_CATEGORIES, CO3D_ALL_TEN, DATASET_NAMES, load_dataset
 from sparsefusion.distill import DistillConfig
 from sparsefusion.distributed import check_gpu_count, launch, split_list
 from sparsefusion.errors import UserError, exit_on_user_error
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-g", "--gpus", type=int, default=1, help="number of GPUs (processes) to use (default: 1)")
     parser.add_argument("-p", "--port", type=int, default=1, help="last digit of the DDP port 1234p (default: 1)")
-    parser.add_argument("-d", "--dataset_name", default="co3d_toy", choices=DATASETS, help="dataset (default: co3d_toy)")
+    parser.add_argument("-d", "--dataset_name", default="co3d_toy", choices=DATASET_NAMES, help="dataset (default: co3d_toy)")
     parser.add_argument("-r", "--root", help="dataset root (default: data/{dataset_name})")
     parser.add_argument("-c", "--category", required=True, help="CO3D category, 'all_ten' or 'all'")
     parser.add_argument("-v", "--input_views", type=int, default=2, help="number of random input views (default: 2)")
@@ -100,8 +100,8 @@ def check_args(args):
 
 def run_category(rank, args, category, config, out_dir):
     """Reconstruct this rank's share of the requested scenes of one category; return their records."""
-    dataset = load_dataset(args.dataset_name, args.root or f"data/{args.dataset_name}", category,
-                           image_size=args.image_size)
+    options = {} if args.dataset_name == "co3d_toy" else {"image_size": args.image_size}
+    dataset = load_dataset(args.dataset_name, args.root or f"data/{args.dataset_name}", category, **options)
     indices = parse_indices(args.idx)
     if max(indices) >= len(dataset):
         raise UserError(f"-i/--idx {max(indices)} is out of range: {category} has {len(dataset)} scenes (0..{len(dataset) - 1})")

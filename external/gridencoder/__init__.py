@@ -1,0 +1,97 @@
+"""Multiresolution grid encoder (Instant-NGP) with torch-ngp's layout and interchangeable backends.
+
+`grid_encode(inputs, embeddings, levels, backend)` computes one function by any backend:
+
+- "torch": pure PyTorch (reference.py), any device and float dtype, gradients for points and table;
+- "triton": fused Triton kernels (triton_kernel.py), CUDA (or TRITON_INTERPRET=1 on CPU), 3-D, float32;
+- "tcnn": tiny-cuda-nn, when it imports, 'hash' grids only (tcnn_backend.py says why);
+- "auto": "triton" for float32 3-D points on CUDA when Triton imports, else "torch".
+
+Kernels are imported on first use, so importing this package never compiles anything.
+"""
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from external.gridencoder.reference import GridConfig, GridLevels, check_choice, grid_encode_reference, grid_levels
+
+__all__ = ["BACKENDS", "GridConfig", "GridEncoder", "GridLevels", "grid_encode", "grid_levels", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton", "tcnn")
+
+
+def triton_available():
+    """Return whether the triton package is installed (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend, inputs, levels):
+    """Return the concrete backend name "auto" stands for with these inputs, or backend itself (checked)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend != "auto":
+        return backend
+    fits_triton = inputs.is_cuda and inputs.dtype == torch.float32 and levels.input_dim == 3
+    return "triton" if fits_triton and triton_available() else "torch"
+
+
+def grid_encode(inputs, embeddings, levels, backend="auto"):
+    """Return the grid encoding (..., L·C) of points (..., D) in [0, 1]; points outside encode to zero.
+
+    Args:
+        inputs: (..., D) coordinates normalised to the unit box.
+        embeddings: (levels.offsets[-1], C) the feature table of all levels.
+        levels: GridLevels, the layout (grid_levels(GridConfig(...))).
+        backend: "auto", "torch", "triton" or "tcnn".
+    """
+    prefix = inputs.shape[:-1]
+    points = inputs.reshape(-1, levels.input_dim)  # (P, D)
+    name = resolve_backend(backend, points, levels)
+    if name == "torch":
+        features = grid_encode_reference(points, embeddings, levels)
+    elif name == "triton":
+        from external.gridencoder.triton_kernel import grid_encode_triton
+
+        features = grid_encode_triton(points, embeddings, levels)
+    else:
+        from external.gridencoder.tcnn_backend import grid_encode_tcnn
+
+        features = grid_encode_tcnn(points, embeddings, levels)
+    return features.reshape(*prefix, levels.output_dim)
+
+
+class GridEncoder(nn.Module):
+    """Learnable multiresolution grid: maps points (..., D) in [−bound, bound] to features (..., L·C).
+
+    State dict as torch-ngp's GridEncoder: `embeddings` (rows, C) and the int32 buffer `offsets` (L+1,).
+    """
+
+    def __init__(self, config=None, backend="auto"):
+        super().__init__()
+        config = GridConfig() if config is None else config
+        self.config = config
+        self.levels = grid_levels(config)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.register_buffer("offsets", torch.tensor(self.levels.offsets, dtype=torch.int32))
+        self.embeddings = nn.Parameter(torch.empty(self.levels.offsets[-1], config.level_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.uniform_(self.embeddings, -1e-4, 1e-4)  # torch-ngp's initialisation
+
+    @property
+    def output_dim(self):
+        return self.levels.output_dim
+
+    def forward(self, inputs, bound=1.0):
+        """Return features (..., L·C) of points (..., D) in [−bound, bound]."""
+        return grid_encode((inputs + bound) / (2 * bound), self.embeddings, self.levels, self.backend)
+
+    def extra_repr(self):
+        levels = self.levels
+        return (
+            f"input_dim={levels.input_dim}, levels={levels.num_levels}×{levels.level_dim}, "
+            f"resolution={levels.resolutions[0]}→{levels.resolutions[-1]}, table={tuple(self.embeddings.shape)}, "
+            f"gridtype={levels.gridtype}, align_corners={levels.align_corners}, backend={self.backend}"
+        )
