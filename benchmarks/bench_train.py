@@ -105,6 +105,7 @@ def measure(name, model, initial, scene, codec, config, args, device):
 def main():
     args = parse_args()
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as train.py
     overrides = ["category=hydrant", "vae=random", "eft.backbone_weights=random"]
     config = load_config(ROOT / "configs" / "train_small.yaml" if args.small else None, overrides)
     torch.manual_seed(args.seed)

@@ -167,8 +167,10 @@ def load_config(path=None, overrides=(), **fields):
             raise UserError("no category given: pass -c CATEGORY (or category=... / a YAML config)")
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserError(f"bad training config: {err}".splitlines()[0]
-                        + "; keys are the fields of sparsefusion.training.TrainConfig") from err
+        key = getattr(err, "full_key", None)
+        where = f" at '{key}'" if key else ""
+        raise UserError(f"bad training config{where}: {str(err).splitlines()[0]}; keys are the fields of "
+                        f"sparsefusion.training.TrainConfig") from err
     check_config(config)
     return config
 
@@ -375,6 +377,16 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def tensorboard_writer(folder):
+    """Return a TensorBoard SummaryWriter writing to folder; UserError if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard, "
+                        "or set tensorboard=false") from err
+    return SummaryWriter(str(folder))
+
+
 def seed_rank(seed, rank):
     """Seed the global CPU and CUDA generators of a rank: every rank draws its own steps."""
     torch.manual_seed(seed + rank)
@@ -390,6 +402,7 @@ class Trainer:
         self.device = rank.device
         self.exp_dir = Path(config.exp_dir)
         set_matmul_precision(config.precision)
+        torch.backends.cudnn.benchmark = True  # fixed shapes but for the 2–5 context views: autotune once each
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         eft = EpipolarFeatureTransformer(config.eft)
@@ -423,8 +436,7 @@ class Trainer:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
             write_text(config_yaml(config), self.exp_dir / "config.yaml")
             if config.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.exp_dir / "tensorboard"))
+                self.writer = tensorboard_writer(self.exp_dir / "tensorboard")
 
     @property
     def eft(self):
