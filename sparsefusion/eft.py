@@ -108,6 +108,9 @@ def softmax_pool(values, logits, dim):
     return (values * weights).sum(dim), weights
 
 
+MAX_CUDA_ATTENTION_BATCH = 65535
+
+
 class TransformerEncoder(nn.Module):
     """A linear+GELU input projection, then post-norm self-attention layers (one head) over dim 1."""
 
@@ -120,7 +123,11 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x):
         """Return (S, L, hidden) for x (S, L, in): S independent sequences of length L."""
-        return self.encoder(self.pre(x))
+        h = self.pre(x)
+        if not h.is_cuda or h.shape[0] <= MAX_CUDA_ATTENTION_BATCH:
+            return self.encoder(h)
+        # CUDA's memory-efficient attention refuses more than 65535 sequences when dropout is on
+        return torch.cat([self.encoder(part) for part in h.split(MAX_CUDA_ATTENTION_BATCH)])
 
 
 class EpipolarFeatureTransformer(nn.Module):

@@ -9,7 +9,7 @@ from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
 from sparsefusion.perceptual import build_lpips
-from sparsefusion.vae import LatentCodecConfig, load_latent_codec
+from sparsefusion.vae import load_latent_codec
 from sparsefusion.vldm import VLDM
 
 DEFAULT_CHECKPOINTS = {
@@ -54,7 +54,7 @@ def load_models(category, args, device):
     paths = checkpoint_paths(category, args)
     eft = load_eft(paths["eft"]).to(device)
     vldm = VLDM.from_checkpoint(paths["vldm"]).to(device).eval().requires_grad_(False)
-    codec = load_latent_codec(paths["vae"], device=device, config=LatentCodecConfig(precision=args.precision))
+    codec = load_latent_codec(paths["vae"], device=device)  # fp32: bf16 is no faster at batch 1 (docs/vae.md)
     return Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
                   unet=unet_callable(vldm, args.unet, torch.device(device)),
                   lpips=build_lpips("vgg", backbone=args.vgg_weights, device=device))
