@@ -335,6 +335,13 @@ def check_inputs(config):
             raise UserError(f"{name} checkpoint not found at {path}")
 
 
+def open_dataset(config):
+    """Return the training scenes the config names (UserError if they are missing)."""
+    options = {} if config.dataset == "co3d_toy" else {"image_size": config.image_size}
+    return load_dataset(config.dataset, config.root, config.category, subset=config.subset, split=config.split,
+                        sample_batch_size=config.views_per_scene, **options)
+
+
 class SeededScenes(torch.utils.data.Dataset):
     """dataset[(epoch, index)]: scene index, its random frames seeded by (seed, epoch, index).
 
@@ -429,9 +436,7 @@ class Trainer:
             # ResNet-18's layer4/fc and the UNet's null_conditional_* get no gradient
             self.ddp = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
-        self.dataset = SeededScenes(load_dataset(config.dataset, config.root, config.category, subset=config.subset,
-                                                 split=config.split, sample_batch_size=config.views_per_scene,
-                                                 **self.dataset_options()), config.seed)
+        self.dataset = SeededScenes(open_dataset(config), config.seed)
         self.loss_history = []
         self.last_losses = None
         self.writer = None
@@ -448,9 +453,6 @@ class Trainer:
     @property
     def vldm(self):
         return self.model.vldm
-
-    def dataset_options(self):
-        return {} if self.config.dataset == "co3d_toy" else {"image_size": self.config.image_size}
 
     # -- data order ---------------------------------------------------------------------------
 
@@ -645,5 +647,7 @@ def run_training(config):
     check_inputs(config)
     if not under_torchrun():
         check_gpu_count(config.gpus)
+        if config.gpus > 1:
+            open_dataset(config)  # a missing dataset stops here with its message, not in every spawned rank
     backend = None if config.backend == "auto" else config.backend
     launch(train_worker, config.gpus, config.port, backend=backend, args=(config,))
