@@ -23,6 +23,15 @@ SMALL = ROOT / "configs" / "train_small.yaml"
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run single-threaded: small models gain little from a second thread and lose much on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """Three 64×64 training scenes of 12 frames."""
