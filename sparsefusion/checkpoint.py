@@ -1,5 +1,6 @@
 """Checkpoint files: safe loading, strict state-dict checks, atomic saving."""
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -76,3 +77,37 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def config_to_dict(config):
+    """Return a dataclass config as plain dicts, lists and scalars, to store under a checkpoint's 'config' key."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls, data):
+    """Return the dataclass cls built from config_to_dict's output; nested dataclass fields are rebuilt too.
+
+    Unknown keys are a UserError naming them (a checkpoint from another version or model).
+    """
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise UserError(f"stored {cls.__name__} has unknown fields {unknown}")
+    values = {}
+    for name, value in data.items():
+        default = names[name].default_factory() if names[name].default_factory is not dataclasses.MISSING else names[name].default
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            value = config_from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def stored_config(checkpoint, cls, given=None):
+    """Return given, else the config stored in checkpoint['config'], else cls's defaults (upstream's)."""
+    if given is not None:
+        return given
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict):
+        return config_from_dict(cls, checkpoint["config"])
+    return cls()

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from sparsefusion.checkpoint import load_file, load_state_dict_strict, save_atomic
+from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
 from sparsefusion.errors import UserError
 from sparsefusion.rays import HarmonicEmbedding
 
@@ -269,18 +269,20 @@ def huber(x, y, scaling=0.1):
 def load_eft(path, config=None, map_location="cpu"):
     """Return an EpipolarFeatureTransformer with the weights of a `{'model_state_dict': ...}` checkpoint.
 
-    Loading is strict: a missing, unexpected or mis-shaped key raises UserError naming it.
+    Loading is strict: a missing, unexpected or mis-shaped key raises UserError naming it. The
+    architecture is config, else the one our save_eft stored, else upstream's.
     """
     checkpoint = load_file(path, "EFT checkpoint", where_to_get="the SparseFusion release (ckpt_latest_eft.pt)",
                            map_location=map_location)
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
         raise UserError(f"EFT checkpoint at {path} has no 'model_state_dict' (is it an EFT checkpoint?)")
-    config = replace(config or EFTConfig(), backbone_weights="random")
+    config = replace(stored_config(checkpoint, EFTConfig, config), backbone_weights="random")
     model = EpipolarFeatureTransformer(config)
     load_state_dict_strict(model, checkpoint["model_state_dict"], f"EFT checkpoint at {path}")
     return model
 
 
 def save_eft(model, path, step=0):
-    """Write `{'step': step, 'model_state_dict': ...}` (upstream's layout) atomically to path."""
-    return save_atomic({"step": step, "model_state_dict": model.state_dict()}, path)
+    """Write `{'step': step, 'model_state_dict': ...}` (upstream's layout) plus our 'config' atomically to path."""
+    return save_atomic({"step": step, "model_state_dict": model.state_dict(),
+                        "config": config_to_dict(model.config)}, path)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from sparsefusion.checkpoint import load_file, load_state_dict_strict
+from sparsefusion.checkpoint import config_from_dict, config_to_dict, load_file, load_state_dict_strict, save_atomic
 from sparsefusion.errors import UserError
 
 SCALE_FACTOR = 0.18215  # SD v1's latent scale, giving latents about unit variance (LDM paper, Sec. 4.3.2)
@@ -162,21 +162,25 @@ def convert_to_diffusers_vae_state_dict(state_dict, config=None):
 # ------------------------------------------------------------------ loading
 
 def read_tensors(path, what="SD VAE checkpoint"):
-    """Return the tensor dict in a .safetensors file or the 'state_dict' (or whole dict) of a torch pickle."""
+    """Return (tensors, stored config dict or None) of a .safetensors file or a torch pickle.
+
+    A pickle's tensors are its 'state_dict' (or the whole dict); our save_vae also stores 'config'.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found at {path}; get it from {WHERE_TO_GET}")
     if path.suffix == ".safetensors":
         try:
-            return safetensors.torch.load_file(str(path), device="cpu")
+            return safetensors.torch.load_file(str(path), device="cpu"), None
         except Exception as err:  # a truncated or foreign file: name it, keep the cause
             raise UserError(f"{what} at {path} could not be read ({type(err).__name__}: {err})") from err
     content = load_file(path, what, WHERE_TO_GET, safe_globals=skipped_safe_globals())
+    stored = content.get("config") if isinstance(content, dict) and isinstance(content.get("config"), dict) else None
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict):
         raise UserError(f"{what} at {path} holds a {type(content).__name__}, not a state dict")
-    return content
+    return content, stored
 
 
 def _is_diffusers_layout(state_dict):
@@ -200,12 +204,18 @@ def load_vae(path=DEFAULT_VAE_PATH, config=None, device="cpu"):
     """Return a frozen AutoencoderKL in eval mode with the weights in path (any of the three layouts).
 
     Every VAE key must be present with its shape; otherwise a UserError names the missing, unexpected or
-    mis-shaped keys.
+    mis-shaped keys. The architecture is config, else the one save_vae stored, else SD v1's.
     """
-    config = config or AutoencoderKLConfig()
-    weights = vae_state_dict(read_tensors(path), config)
+    tensors, stored = read_tensors(path)
+    config = config or (config_from_dict(AutoencoderKLConfig, stored) if stored else AutoencoderKLConfig())
+    weights = vae_state_dict(tensors, config)
     vae = load_state_dict_strict(AutoencoderKL(config), weights, f"SD VAE checkpoint {path}")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def save_vae(vae, path):
+    """Write a VAE-only file {'state_dict': ldm names, 'config': its architecture} atomically to path."""
+    return save_atomic({"state_dict": vae.state_dict(), "config": config_to_dict(vae.config)}, path)
 
 
 # ------------------------------------------------------------------ the codec used by training and distillation

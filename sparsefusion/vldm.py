@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from external.imagen_unet import Unet, UnetConfig
-from sparsefusion.checkpoint import load_file, load_state_dict_strict, save_atomic
+from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import fast_unet
 from sparsefusion.sampling import HIGH_NOISE_STARTS, denoise_plms_truncated, randn_like, sample_ancestral, sample_plms
@@ -137,18 +137,20 @@ class VLDM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, config=None):
-        """Return a VLDM on the CPU with the weights of a checkpoint {'model_state_dict': …}, loaded strictly."""
+        """Return a VLDM on the CPU with the weights of a checkpoint {'model_state_dict': …}, loaded strictly.
+
+        The architecture is config, else the one our save_checkpoint stored, else upstream's.
+        """
+        checkpoint = read_checkpoint(path)
         with torch.device("meta"):  # no random initialisation of 400 M parameters that are overwritten
-            model = cls(config)
+            model = cls(stored_config(checkpoint, VLDMConfig, config))
         model.to_empty(device="cpu")
-        model.load_checkpoint(path)
+        load_state_dict_strict(model, checkpoint["model_state_dict"], f"VLDM checkpoint {path}")
         return model
 
     def load_checkpoint(self, path):
         """Load the weights of a checkpoint file strictly and return the file's whole object."""
-        checkpoint = load_file(path, "VLDM checkpoint", WHERE_TO_GET)
-        if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-            raise UserError(f"VLDM checkpoint {path} has no 'model_state_dict'; is it an EFT or VAE checkpoint?")
+        checkpoint = read_checkpoint(path)
         load_state_dict_strict(self, checkpoint["model_state_dict"], f"VLDM checkpoint {path}")
         return checkpoint
 
@@ -159,7 +161,16 @@ class VLDM(nn.Module):
             "model_state_dict": self.state_dict(),
             "optimizer_state_dict": optimizer.state_dict(),
             "scheduler_state_dict": scheduler.state_dict(),
+            "config": config_to_dict(self.config),
         }, path)
+
+
+def read_checkpoint(path):
+    """Return the object of a VLDM checkpoint file, which must hold a 'model_state_dict'."""
+    checkpoint = load_file(path, "VLDM checkpoint", WHERE_TO_GET)
+    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
+        raise UserError(f"VLDM checkpoint {path} has no 'model_state_dict'; is it an EFT or VAE checkpoint?")
+    return checkpoint
 
 
 def training_optimizer(vldm, lr=5e-5):

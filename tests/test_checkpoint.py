@@ -32,3 +32,18 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="could not be read"):
         load_file(bad, "EFT checkpoint")
+
+
+def test_configs_round_trip_through_a_checkpoint(tmp_path):
+    from external.imagen_unet import UnetConfig
+    from sparsefusion.checkpoint import config_from_dict, config_to_dict, stored_config
+    from sparsefusion.vldm import VLDMConfig
+
+    config = VLDMConfig(unet=UnetConfig.small(), image_size=8)
+    path = save_atomic({"config": config_to_dict(config)}, tmp_path / "c.pt")
+    restored = stored_config(load_file(path, "test"), VLDMConfig)
+    assert restored == config and isinstance(restored.unet, UnetConfig)
+    assert isinstance(restored.unet.dim_mults, tuple)
+    assert stored_config({}, VLDMConfig) == VLDMConfig()  # upstream's checkpoints store none
+    with pytest.raises(UserError, match="unknown fields \\['typo'\\]"):
+        config_from_dict(VLDMConfig, {"typo": 1})

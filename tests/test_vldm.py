@@ -140,12 +140,13 @@ def test_checkpoint_round_trip_in_upstreams_layout(tmp_path):
     path = vldm.save_checkpoint(tmp_path / "ckpt_latest.pt", 7, optimizer, scheduler)
 
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict"}
+    assert set(saved) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
     assert all(key.startswith("unets.0.") for key in saved["model_state_dict"])
     assert saved["scheduler_state_dict"]["step_size"] == 50000 and saved["scheduler_state_dict"]["gamma"] == 0.5
     assert saved["optimizer_state_dict"]["param_groups"][0]["initial_lr"] == 5e-5
 
-    loaded = VLDM.from_checkpoint(path, small_vldm().config)
+    loaded = VLDM.from_checkpoint(path)  # the small architecture comes from the stored config
+    assert loaded.config == vldm.config
     for key, value in vldm.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     resumed = small_vldm()
