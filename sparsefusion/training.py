@@ -12,8 +12,9 @@ model, then StepLR for each.
     config = load_config("configs/train_small.yaml", ["category=hydrant", "dataset=synthetic"])
     run_training(config)                       # -g N processes, or the torchrun ones
 
-Files under exp_dir: ckpt_latest.pt (VLDM, upstream's layout plus 'config' and 'rng_state'),
-ckpt_latest_eft.pt (EFT, upstream's layout plus optimizer and scheduler), ckpt_{step:06d}{,_eft}.pt
+Files under exp_dir: ckpt_latest.pt (VLDM, upstream's layout plus its architecture 'config', the
+'train_config' and every rank's 'rng_state'), ckpt_latest_eft.pt (EFT, upstream's layout plus optimizer,
+scheduler and architecture 'config'), ckpt_{step:06d}{,_eft}.pt
 every archive_itr steps, config.yaml, log/train_{step:06d}.jpg (inputs | target | EFT | diffusion
 sample), log/_loss.png and tensorboard/ (scalars and the same images).
 """
@@ -21,7 +22,7 @@ sample), log/_loss.png and tensorboard/ (scalars and the same images).
 import os
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.cameras import PerspectiveCameras
-from sparsefusion.checkpoint import load_file, load_state_dict_strict, save_atomic
+from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic
 from sparsefusion.data import CO3DDataset, load_dataset
 from sparsefusion.distributed import check_gpu_count, launch, under_torchrun
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, huber, sample_views
@@ -588,7 +589,8 @@ class Trainer:
                 "model_state_dict": self.vldm.state_dict(),
                 "optimizer_state_dict": vldm_optimizer.state_dict(),
                 "scheduler_state_dict": vldm_scheduler.state_dict(),
-                "config": asdict(self.config),
+                "config": config_to_dict(self.vldm.config),
+                "train_config": config_to_dict(self.config),
                 "rng_state": states,
             },
             eft_path: {
@@ -596,6 +598,7 @@ class Trainer:
                 "model_state_dict": self.eft.state_dict(),
                 "optimizer_state_dict": eft_optimizer.state_dict(),
                 "scheduler_state_dict": eft_scheduler.state_dict(),
+                "config": config_to_dict(self.eft.config),
             },
         })
 

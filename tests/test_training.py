@@ -16,6 +16,7 @@ from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.training import (Trainer, check_inputs, colors_at_rays, draw_query_and_context_size,
                                    load_config, run_training, training_batch, valid_loss_mask)
+from sparsefusion.vae import save_vae
 from sparsefusion.vldm import VLDM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,11 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_path(tmp_path_factory):
-    """A checkpoint of our AutoencoderKL in the small configuration, in SD's {'state_dict': ...} layout."""
+    """A checkpoint of our AutoencoderKL in the small configuration, as save_vae writes it."""
     config = load_config(SMALL, ["category=hydrant"]).autoencoder
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vae") / "small-vae.ckpt"
-    torch.save({"state_dict": AutoencoderKL(config).state_dict()}, path)
-    return path
+    return save_vae(AutoencoderKL(config), path)
 
 
 @pytest.fixture
@@ -198,13 +198,14 @@ def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
     vldm_ckpt = load_file(exp / "ckpt_latest.pt", "VLDM checkpoint")
     eft_ckpt = load_file(exp / "ckpt_latest_eft.pt", "EFT checkpoint")
     assert set(vldm_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
-                              "config", "rng_state"}
-    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict"}
+                              "config", "train_config", "rng_state"}
+    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
     assert vldm_ckpt["step"] == eft_ckpt["step"] == 2
-    assert vldm_ckpt["config"] == asdict(config)
+    assert vldm_ckpt["train_config"] == asdict(config)
     assert eft_ckpt["scheduler_state_dict"]["last_epoch"] == 2
-    load_eft(exp / "ckpt_latest_eft.pt", config=config.eft)  # strict loaders of demo.py
-    VLDM.from_checkpoint(exp / "ckpt_latest.pt", config=config.vldm)
+    # demo.py's strict loaders rebuild the small architectures from the stored configs
+    assert load_eft(exp / "ckpt_latest_eft.pt").config.hidden_dim == config.eft.hidden_dim
+    assert VLDM.from_checkpoint(exp / "ckpt_latest.pt").config == config.vldm
     assert (exp / "ckpt_000002.pt").is_file() and (exp / "ckpt_000002_eft.pt").is_file()
     assert not list(exp.glob(".*"))  # no temporary or pending file left behind
     assert (exp / "config.yaml").is_file()
