@@ -6,10 +6,10 @@
 One step is everything train.py does per iteration after loading a scene: draw the query and 2–5
 context views, render the EFT's 32×32 features with gradients, encode the query with the VAE, the
 VLDM loss on 12 copies, the colour loss, backward, both Adam steps and StepLR steps. Models are
-upstream's full EFT (16.8 M), VLDM (400.7 M) and SD VAE (83.7 M) with random weights; the scene is a
-synthetic 256×256 one; the UNet's final_conv is randomised (it starts at zero). Every variant starts from the same weights and the same random state, so
-they see the same draws; "loss rel err" compares the first step's loss (before any update) with
-fp32's. Times are medians over --steps steps after --warmup steps, with CUDA events; steps/s is
+upstream's full EFT (16.8 M), VLDM (400.7 M) and SD VAE (83.7 M) with random weights (the UNet's
+final_conv randomised too: it starts at zero); the scene is a synthetic 256×256 one. Every variant
+starts from the same weights and the same random state, so they see the same draws; "rel err"
+compares the first step's losses (before any update) with fp32's. Times are medians over --steps steps after --warmup steps, with CUDA events; steps/s is
 1000 / median ms. Data loading is not included (train.py overlaps it in worker processes).
 """
 
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="configs/train_small.yaml models at 64×64, for smoke tests")
-    parser.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated, from: {', '.join(PRECISIONS)}")
+    parser.add_argument("--small", action="store_true", help="configs/train_small.yaml models at 64×64 (smoke test)")
+    parser.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated from {', '.join(PRECISIONS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     parser.add_argument("--seed", type=int, default=0)
