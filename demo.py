@@ -9,18 +9,18 @@ Outputs go to output/demo/ (see sparsefusion/reconstruct.py for the files).
 
 import argparse
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from external.nerf_renderer import RenderConfig as NeRFRenderConfig
 from sparsefusion.data import CO3D_ALL_CATEGORIES, CO3D_ALL_TEN, DATASET_NAMES, load_dataset
 from sparsefusion.distill import DistillConfig
 from sparsefusion.distributed import check_gpu_count, launch, split_list
 from sparsefusion.errors import UserError, exit_on_user_error
-from sparsefusion.models import DEFAULT_CHECKPOINTS, load_models
+from sparsefusion.models import check_checkpoints, load_models
 from sparsefusion.outputs import write_json
 from sparsefusion.reconstruct import mean_metrics, reconstruct_scene, summary_line
 
@@ -48,7 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--eft_mode", default="upstream", choices=("upstream", "eval"), help="EFT BatchNorm batch statistics + dropout as upstream, or eval mode")
     parser.add_argument("--unet", default="eager", choices=("eager", "compile", "graph"), help="UNet fast path on CUDA (default: eager)")
     parser.add_argument("--vgg_weights", help="ImageNet VGG16 weights for LPIPS when the torch hub cache has none")
+    parser.add_argument("--num_steps", type=int, default=NeRFRenderConfig.num_steps, help="stratified samples per NeRF ray (default: 64)")
+    parser.add_argument("--upsample_steps", type=int, default=NeRFRenderConfig.upsample_steps, help="importance samples per NeRF ray (default: 64)")
     parser.add_argument("--mesh_threshold", type=float, default=10.0, help="density threshold of the exported mesh (default: 10)")
+    parser.add_argument("--mesh_resolution", type=int, default=256, help="marching-cubes grid size of the mesh (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="input views are a permutation seeded by seed + scene index (default: 0)")
     return parser.parse_args(argv)
 
@@ -79,6 +82,7 @@ def distill_config(args):
                            turntable_frames=args.turntable_frames, precision=args.precision,
                            perceptual_start=min(DistillConfig.perceptual_start, args.fusion_start))
     config.features = replace(config.features, image_size=args.image_size, mode=args.eft_mode, precision=args.precision)
+    config.nerf_render = replace(config.nerf_render, num_steps=args.num_steps, upsample_steps=args.upsample_steps)
     return config
 
 
@@ -98,22 +102,35 @@ def check_args(args):
         raise UserError(f"unknown category {args.category!r}; use one of CO3D's: {', '.join(CO3D_ALL_CATEGORIES)}, 'all_ten' or 'all'")
 
 
+def open_dataset(args, category):
+    options = {} if args.dataset_name == "co3d_toy" else {"image_size": args.image_size}
+    return load_dataset(args.dataset_name, args.root or f"data/{args.dataset_name}", category, **options)
+
+
+def preflight(args):
+    """Raise UserError for a missing dataset or checkpoint, an index out of range or too many input views."""
+    indices = parse_indices(args.idx)
+    for category in categories(args.category):
+        dataset = open_dataset(args, category)
+        if max(indices) >= len(dataset):
+            raise UserError(f"-i/--idx {max(indices)} is out of range: {category} has {len(dataset)} scenes "
+                            f"(0..{len(dataset) - 1})")
+        n_views = len(dataset[indices[0]].images)
+        if args.input_views > n_views:
+            raise UserError(f"-v/--input_views {args.input_views} is more than the {n_views} views of "
+                            f"{category} scene {indices[0]}")
+        check_checkpoints(category, args)
+
+
 def run_category(rank, args, category, config, out_dir):
     """Reconstruct this rank's share of the requested scenes of one category; return their records."""
-    options = {} if args.dataset_name == "co3d_toy" else {"image_size": args.image_size}
-    dataset = load_dataset(args.dataset_name, args.root or f"data/{args.dataset_name}", category, **options)
-    indices = parse_indices(args.idx)
-    if max(indices) >= len(dataset):
-        raise UserError(f"-i/--idx {max(indices)} is out of range: {category} has {len(dataset)} scenes (0..{len(dataset) - 1})")
+    dataset = open_dataset(args, category)
     models = load_models(category, args, rank.device)
     records = []
-    for scene_index in split_list(indices, rank.world_size)[rank.rank]:
-        scene = dataset[scene_index]
-        if args.input_views > len(scene.images):
-            raise UserError(f"-v/--input_views {args.input_views} is more than the {len(scene.images)} views of scene {scene_index}")
+    for scene_index in split_list(parse_indices(args.idx), rank.world_size)[rank.rank]:
         record = reconstruct_scene(
-            models, scene, scene_index, args.input_views, config, out_dir, rank.device, seed=args.seed,
-            mesh_threshold=args.mesh_threshold,
+            models, dataset[scene_index], scene_index, args.input_views, config, out_dir, rank.device,
+            seed=args.seed, mesh_threshold=args.mesh_threshold, mesh_resolution=args.mesh_resolution,
             progress_factory=lambda total, label: tqdm(total=total, desc=label, position=rank.local_rank,
                                                        dynamic_ncols=True, disable=None))
         tqdm.write(summary_line(record))
@@ -123,9 +140,9 @@ def run_category(rank, args, category, config, out_dir):
 
 def worker(rank, args):
     with exit_on_user_error():
-        if rank.device.type == "cpu":
-            warnings.warn("no GPU: running on the CPU, which takes hours at full size; see --iterations and --train_rays",
-                          stacklevel=1)
+        if rank.device.type == "cpu" and rank.is_main:
+            print("warning: no GPU, running on the CPU: hours per scene at full size "
+                  "(see --iterations, --train_rays, --num_steps)", file=sys.stderr)
         out_dir = Path(args.output)
         config = distill_config(args)
         records = []
@@ -151,6 +168,7 @@ def main(argv=None):
     args = parse_args(argv)
     with exit_on_user_error():
         check_args(args)
+        preflight(args)
         launch(worker, args.gpus, args.port, args=(args,))
 
 

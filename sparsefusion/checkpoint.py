@@ -1,13 +1,12 @@
 """Checkpoint files: safe loading, strict state-dict checks, atomic saving."""
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from sparsefusion.errors import UserError
+from sparsefusion.outputs import atomic_path
 
 
 def load_file(path, what, where_to_get=None, map_location="cpu", safe_globals=()):
@@ -66,17 +65,9 @@ def load_state_dict_strict(module, state_dict, what):
 
 def save_atomic(obj, path):
     """torch.save obj to path through a temporary file in the same folder, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def config_to_dict(config):

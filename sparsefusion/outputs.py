@@ -42,8 +42,12 @@ def image_grid(images, per_row):
     return np.vstack(rows)
 
 
-class _AtomicPath:
-    """A temporary path beside `path` that replaces it on success and disappears on failure."""
+class atomic_path:
+    """Context manager: a temporary path beside `path` that replaces it on success and vanishes on failure.
+
+        with atomic_path("out/x.json") as tmp:
+            tmp.write_text(...)
+    """
 
     def __init__(self, path):
         self.path = Path(path)
@@ -57,15 +61,22 @@ class _AtomicPath:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs are shared like any file
             os.replace(self.tmp, self.path)
         elif self.tmp.exists():
             self.tmp.unlink()
         return False
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_image(image, path, quality=95):
     """Write an image (H, W, C) to path (.png or .jpg) atomically; returns the path."""
-    with _AtomicPath(path) as tmp:
+    with atomic_path(path) as tmp:
         options = {"quality": quality} if Path(path).suffix.lower() in (".jpg", ".jpeg") else {}
         imageio.imwrite(tmp, to_uint8(image), **options)
     return Path(path)
@@ -73,7 +84,7 @@ def write_image(image, path, quality=95):
 
 def write_gif(frames, path, seconds_per_frame=0.2):
     """Write frames (a list of (H, W, 3) images) as a looping GIF atomically; returns the path."""
-    with _AtomicPath(path) as tmp:
+    with atomic_path(path) as tmp:
         imageio.mimsave(tmp, [to_uint8(frame) for frame in frames], format="GIF",
                         duration=seconds_per_frame * 1000, loop=0)
     return Path(path)
@@ -81,14 +92,14 @@ def write_gif(frames, path, seconds_per_frame=0.2):
 
 def write_json(data, path):
     """Write data as indented JSON atomically; returns the path."""
-    with _AtomicPath(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 
 def write_text(text, path):
     """Write text atomically; returns the path."""
-    with _AtomicPath(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
@@ -108,7 +119,7 @@ def plot_losses(curves, path, title=None):
     if title:
         axes.set_title(title)
     figure.tight_layout()
-    with _AtomicPath(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format=Path(path).suffix.lstrip(".").replace("jpg", "jpeg"))
     plt.close(figure)
     return Path(path)

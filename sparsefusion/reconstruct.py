@@ -81,7 +81,7 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
 
 
 def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, device, seed=0,
-                      mesh_threshold=10.0, progress_factory=None):
+                      mesh_threshold=10.0, mesh_resolution=256, progress_factory=None):
     """Distill one scene and write its outputs; return its JSON record (metrics, inputs, timings).
 
     Args:
@@ -115,7 +115,8 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
              "input_views": inputs, "n_views": len(scene.images), "timings": timings}
     record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)
-    export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", threshold=mesh_threshold)
+    export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", bound=config.nerf.bound,
+                threshold=mesh_threshold, resolution=mesh_resolution)
     return record
 
 

@@ -4,6 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+# Small CPU ops gain nothing from threads, and OpenMP threads stall badly when the cores are shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded():

@@ -39,3 +39,13 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 def test_loss_plot_is_an_image(tmp_path):
     path = plot_losses({"colour": [3, 2, 1], "fusion": []}, tmp_path / "loss.jpg")
     assert imageio.imread(path).ndim == 3
+
+
+def test_atomic_files_are_readable_like_any_other(tmp_path):
+    import os
+    mask = os.umask(0o022)
+    try:
+        path = write_json({}, tmp_path / "m.json")
+    finally:
+        os.umask(mask)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)

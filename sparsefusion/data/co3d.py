@@ -41,7 +41,7 @@ LAYOUT = (
     "expected the CO3Dv2 layout: {root}/{category}/frame_annotations.jgz, "
     "{root}/{category}/sequence_annotations.jgz, {root}/{category}/set_lists/set_lists_{subset}.json "
     "({\"train\"|\"val\"|\"test\": [[sequence_name, frame_number, image_path], ...]}), and the images "
-    "and masks at the annotations' paths relative to {root}"
+    "and masks at the annotations' paths relative to {root}; get CO3Dv2 from github.com/facebookresearch/co3d"
 )
 SPLITS = ("train", "val", "test")
 INTRINSICS_FORMATS = ("ndc_norm_image_bounds", "ndc_isotropic")

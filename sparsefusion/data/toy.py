@@ -13,7 +13,8 @@ from sparsefusion.data.categories import expand_categories
 from sparsefusion.data.scene import Scene
 from sparsefusion.errors import UserError
 
-TOY_LAYOUT = "expected upstream's toy layout: {root}/{category}/{category}_toy.pt holding {category: [scene dicts]}"
+TOY_LAYOUT = ("expected upstream's toy layout: {root}/{category}/{category}_toy.pt holding {category: [scene dicts]}; "
+              "download the toy CO3Dv2 set (6.7 GB) linked in upstream's README (Google Drive) into data/co3d_toy/")
 TOY_SOURCE = "upstream's toy CO3Dv2 set (see the README), or write one with sparsefusion.data.toy.save_toy"
 
 

@@ -1,0 +1,134 @@
+"""demo.py end to end on a small synthetic scene with small models saved by our own modules."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import demo
+from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from external.imagen_unet import UnetConfig
+from sparsefusion.data.synthetic import main as generate_synthetic
+from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
+from sparsefusion.metrics import psnr, ssim
+from sparsefusion.vae import save_vae
+from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, TURNTABLE = 32, 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A one-scene synthetic dataset and tiny EFT / VLDM / VAE checkpoints; returns their paths."""
+    root = tmp_path_factory.mktemp("demo")
+    generate_synthetic(["--root", str(root / "data"), "--categories", "hydrant", "--scenes", "1", "--frames", "12",
+                        "--image-sizes", "48x64"])
+    torch.manual_seed(0)
+    eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
+    save_eft(eft, root / "eft.pt")
+    vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=16), image_size=SIZE // 8))
+    vldm.save_checkpoint(root / "vldm.pt", 0, *training_optimizer(vldm))
+    vae = AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4))
+    save_vae(vae, root / "vae.ckpt")
+    return root
+
+
+def flags(root, *extra):
+    return ["-d", "synthetic", "-r", str(root / "data"), "-c", "hydrant",
+            "-e", str(root / "eft.pt"), "-l", str(root / "vldm.pt"), "-a", str(root / "vae.ckpt"),
+            "-o", str(root / "out"), *extra]
+
+
+SMALL_RUN = ["--image_size", str(SIZE), "--iterations", "14", "--fusion_start", "6", "--train_rays", "16",
+             "--circle_cameras", "3", "--turntable_frames", str(TURNTABLE), "--num_steps", "8",
+             "--upsample_steps", "8", "--mesh_resolution", "32", "--mesh_threshold", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+    """Run demo.py once; return (output folder, the scene's metrics record)."""
+    demo.main(flags(setup, *SMALL_RUN))
+    out = setup / "out"
+    return out, json.loads((out / "metrics" / "hydrant_000_c2.json").read_text())
+
+
+def test_every_output_is_written(run):
+    out, record = run
+    label = "hydrant_000_c2"
+    expected = [f"log/{label}_eft_grid.jpg", f"log/{label}_loss.jpg", f"log/{label}_fusionloss.jpg",
+                f"log/{label}_vis.jpg", f"render_gifs/{label}.gif", f"render_gifs/{label}_circle.gif",
+                f"metrics/{label}.txt", f"metrics/{label}.json", f"meshes/{label}.ply", f"{label}.pt",
+                "summary.json"]
+    for name in expected:
+        assert (out / name).is_file(), name
+    n_views = record["n_views"]
+    assert sorted(p.name for p in (out / "render_imgs" / label).iterdir()) == [f"{i:03d}.jpg" for i in range(n_views)]
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*"))  # no half-written files
+    assert record["input_views"] == torch.randperm(n_views, generator=torch.Generator().manual_seed(0))[:2].tolist()
+    assert set(record["timings"]) == {"feature_cache_s", "distillation_s", "evaluation_s"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["sequence"] for s in summary["scenes"]] == [label]
+    nerf = torch.load(out / f"{label}.pt", weights_only=True)["model_state_dict"]
+    assert "encoder.embeddings" in nerf
+
+
+def test_gifs_have_the_frame_counts_and_panels(run):
+    out, record = run
+    frames = imageio.mimread(out / "render_gifs" / "hydrant_000_c2.gif")
+    assert len(frames) == record["n_views"]
+    assert frames[0].shape[:2] == (SIZE, 5 * SIZE)  # ground truth | EFT | ours | ground-truth mask | our mask
+    turntable = imageio.mimread(out / "render_gifs" / "hydrant_000_c2_circle.gif")
+    assert len(turntable) == TURNTABLE and turntable[0].shape[:2] == (SIZE, 2 * SIZE)
+    grid = imageio.imread(out / "log" / "hydrant_000_c2_eft_grid.jpg")
+    rows = -(-record["n_views"] // 8)
+    assert grid.shape[:2] == (rows * SIZE, 8 * SIZE)
+
+
+def test_metrics_agree_with_the_saved_frames(run):
+    out, record = run
+    frames = sorted((out / "render_imgs" / "hydrant_000_c2").iterdir())
+    pairs = [imageio.imread(path).astype(np.float32) / 255 for path in frames]
+    ours_psnr = [psnr(p[:, SIZE:], p[:, :SIZE]) for p in pairs]
+    ours_ssim = [ssim(p[:, SIZE:], p[:, :SIZE]) for p in pairs]
+    # the frames are JPEGs (as upstream writes them): agreement up to compression
+    assert abs(np.mean(ours_psnr) - record["psnr"]) < 0.5
+    assert abs(np.mean(ours_ssim) - record["ssim"]) < 0.05
+    assert np.allclose([f["psnr"] for f in record["frames"]], ours_psnr, atol=1.0)
+    text = (out / "metrics" / "hydrant_000_c2.txt").read_text()
+    assert f"psnr:\n{record['psnr']}" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-i", "0,x"], "-i/--idx '0,x' is invalid"),
+    (["-i", "4"], "-i/--idx 4 is out of range: hydrant has 1 scenes"),
+    (["-v", "99"], "-v/--input_views 99 is more than the"),
+    (["-c", "hydrantt", "-d", "co3d"], "unknown category 'hydrantt'"),
+    (["-e", "missing/eft.pt"], "EFT checkpoint not found at missing/eft.pt; get it from the SparseFusion weights"),
+    (["-r", "nowhere"], "no synthetic data for ['hydrant'] under nowhere; generate it first"),
+])
+def test_bad_input_fails_with_one_line(setup, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(flags(setup, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_more_gpus_than_present_is_refused(setup, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, "-g", "2"))
+    assert "asks for more GPUs than the 1 present" in capsys.readouterr().err
+
+
+def test_command_line_error_has_no_traceback(setup):
+    done = subprocess.run([sys.executable, "demo.py", *flags(setup, "-i", "7")], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: -i/--idx 7 is out of range")
