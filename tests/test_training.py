@@ -1,0 +1,302 @@
+"""Training: config layering, the step's inputs, learning, checkpoints, resume, and DDP across two processes."""
+
+import importlib.util
+import runpy
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.checkpoint import load_file
+from sparsefusion.data.synthetic import generate_dataset
+from sparsefusion.distributed import Rank, launch
+from sparsefusion.eft import load_eft
+from sparsefusion.errors import UserError
+from sparsefusion.training import (Trainer, check_inputs, colors_at_rays, draw_query_and_context_size,
+                                   load_config, run_training, training_batch, valid_loss_mask)
+from sparsefusion.vae import save_vae
+from sparsefusion.vldm import VLDM
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ROOT / "configs" / "train_small.yaml"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run single-threaded: small models gain little from a second thread and lose much on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Three 64×64 training scenes of 12 frames."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, categories=("hydrant",), scenes=3, frames=12, image_sizes=((64, 64),), eval_scenes=0,
+                     show_progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    """A checkpoint of our AutoencoderKL in the small configuration, as save_vae writes it."""
+    config = load_config(SMALL, ["category=hydrant"]).autoencoder
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "small-vae.ckpt"
+    return save_vae(AutoencoderKL(config), path)
+
+
+@pytest.fixture
+def small_config(data_root, vae_path, tmp_path):
+    """Return a function building the small TrainConfig on the synthetic scenes, with key=value overrides."""
+    def build(*overrides, exp_dir=tmp_path / "exp"):
+        base = ["category=hydrant", "dataset=synthetic", f"root={data_root}", f"vae={vae_path}",
+                f"exp_dir={exp_dir}", "tensorboard=false", "vis_itr=0", "num_workers=0"]
+        return load_config(SMALL, base + list(overrides))
+    return build
+
+
+def single_rank():
+    return Rank(rank=0, local_rank=0, world_size=1, device=CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_defaults_are_upstreams_and_layers_override_in_order(tmp_path):
+    config = load_config(None, [], category="hydrant")
+    assert (config.lr, config.lr_step, config.lr_gamma) == (5e-5, 50000, 0.5)
+    assert (config.diffusion_batch_size, config.views_per_scene, list(config.num_input_range)) == (12, 20, [2, 6])
+    assert (config.save_itr, config.archive_itr, config.vis_itr) == (1000, 50000, 100)
+    assert (config.subset, config.split, config.feature_scale, config.n_points) == ("fewview_train", "train", 8, 20)
+    assert config.exp_dir == "output/sparsefusion_exp/demo_train/hydrant_joint"
+    assert config.root == "data/co3d"
+
+    yaml = tmp_path / "config.yaml"
+    yaml.write_text("category: teddybear\nvis_itr: 7\nsave_itr: 9\neft:\n  n_layers: 2\n")
+    config = load_config(yaml, ["save_itr=11", "vldm.cond_drop_prob=0.2"], category="hydrant", dataset="synthetic")
+    assert (config.category, config.vis_itr, config.save_itr) == ("hydrant", 7, 11)  # flag over YAML, override last
+    assert (config.eft.n_layers, config.vldm.cond_drop_prob, config.root) == (2, 0.2, "data/synthetic")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bogus=1"], "bogus"),
+    (["eft.n_layer=2"], "n_layer"),
+    (["iterations=many"], "iterations"),
+    (["precision=fp16"], "precision"),
+    (["num_input_range=[3,3]"], "num_input_range"),
+    (["eft.hidden_dim=32"], "cond_images_channels"),
+])
+def test_bad_settings_fail_naming_them(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(SMALL, ["category=hydrant"] + overrides)
+
+
+def test_train_py_maps_flags_to_fields():
+    cli = runpy.run_path(str(ROOT / "train.py"), run_name="train_cli")
+    args = cli["parse_args"](["-c", "hydrant", "-g", "2", "-p", "3", "-d", "synthetic", "-r", "somewhere",
+                              "-a", "vae.ckpt", "-b", "gloo", "--config", str(SMALL), "iterations=5"])
+    config = cli["config_from_args"](args)
+    assert (config.category, config.gpus, config.port, config.dataset) == ("hydrant", 2, 3, "synthetic")
+    assert (config.root, config.vae, config.backend, config.iterations) == ("somewhere", "vae.ckpt", "gloo", 5)
+    assert config.eft.hidden_dim == 16  # from the YAML
+
+
+def test_missing_vae_names_the_path_and_where_to_get_it(small_config, tmp_path):
+    config = small_config(f"vae={tmp_path / 'nowhere.ckpt'}")
+    for check in (check_inputs, run_training):
+        with pytest.raises(UserError, match=r"nowhere\.ckpt.*huggingface"):
+            check(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's inputs
+
+
+def test_context_sizes_follow_randint_with_exclusive_high():
+    sizes = set()
+    for seed in range(200):
+        torch.manual_seed(seed)
+        query, size = draw_query_and_context_size(20, [2, 6])
+        torch.manual_seed(seed)
+        assert torch.equal(query, torch.randperm(20)[:1])  # upstream's draws, in its order
+        assert size == int(torch.randint(2, 6, (1,)))
+        sizes.add(size)
+    assert sizes == {2, 3, 4, 5}
+
+
+def test_colors_at_rays_reads_bilinearly_at_minus_xy_with_aligned_corners():
+    height, width = 9, 13
+    rows, cols = torch.meshgrid(torch.arange(height.__float__()), torch.arange(width.__float__()), indexing="ij")
+    images = torch.stack([cols, rows, 2 * cols - rows])[None]  # linear in the pixel indices: bilinear is exact
+    xys = torch.rand(1, 5, 7, 2) * 2 - 1
+    u = (1 - xys[..., 0]) / 2 * (width - 1)  # NDC +x points left: x = 1 is column 0
+    v = (1 - xys[..., 1]) / 2 * (height - 1)
+    expected = torch.stack([u, v, 2 * u - v], dim=-1)
+    torch.testing.assert_close(colors_at_rays(images, xys), expected, atol=1e-4, rtol=0)
+
+
+def test_loss_mask_shrinks_the_valid_region_and_thresholds_it():
+    valid = torch.zeros(1, 1, 64, 64)
+    valid[..., :, :32] = 1.0
+    mask = valid_loss_mask(valid, 8)
+    assert mask.shape == (1, 1, 8, 8)
+    assert torch.equal(mask[..., :4], torch.ones(1, 1, 8, 4)) and not mask[..., 4:].any()
+    assert torch.equal(valid_loss_mask(torch.full((1, 1, 64, 64), 0.61), 8), torch.ones(1, 1, 8, 8))
+    assert not valid_loss_mask(torch.full((1, 1, 64, 64), 0.6), 8).any()  # > 0.6, as upstream
+
+
+def test_training_batch_puts_the_query_at_the_origin(small_config):
+    config = small_config()
+    trainer = Trainer(config, single_rank())
+    batch = training_batch(trainer.dataset[(0, 0)], trainer.codec, config, CPU)
+    torch.testing.assert_close(batch.query_cameras.R, torch.eye(3)[None], atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch.query_cameras.T, torch.zeros(1, 3), atol=1e-6, rtol=0)
+    assert 2 <= batch.context_images.shape[0] <= 5
+    assert batch.rays.lengths.shape == (1, 8, 8, config.n_points)
+    assert batch.latents.shape == (1, 4, 8, 8) and batch.target_colors.shape == (1, 8, 8, 3)
+    assert batch.far - batch.near == pytest.approx(2 * config.depth_margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning, outputs and checkpoints
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(small_config):
+    config = small_config("iterations=15", "lr=1e-3", "save_itr=1000")
+    trainer = Trainer(config, single_rank())
+    scene = trainer.dataset[(0, 0)]
+
+    def fixed_batch_losses():
+        torch.manual_seed(123)  # the same query, context, noise, times and dropout before and after
+        batch = training_batch(scene, trainer.codec, config, CPU)
+        with torch.no_grad():
+            losses = trainer.model(batch, config.diffusion_batch_size)
+        return {name: float(losses[name]) for name in ("total", "diffusion", "color")}
+
+    before = fixed_batch_losses()
+    assert trainer.train() == 15
+    after = fixed_batch_losses()
+    assert after["color"] < 0.6 * before["color"]
+    assert after["diffusion"] < before["diffusion"]
+    assert after["total"] < 0.8 * before["total"]
+
+
+def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
+    exp = tmp_path / "run"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    config = small_config("iterations=2", "save_itr=2", "archive_itr=2", "vis_itr=2", f"tensorboard={tensorboard}",
+                          exp_dir=exp)
+    Trainer(config, single_rank()).train()
+
+    vldm_ckpt = load_file(exp / "ckpt_latest.pt", "VLDM checkpoint")
+    eft_ckpt = load_file(exp / "ckpt_latest_eft.pt", "EFT checkpoint")
+    assert set(vldm_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
+                              "config", "train_config", "rng_state"}
+    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
+    assert vldm_ckpt["step"] == eft_ckpt["step"] == 2
+    assert vldm_ckpt["train_config"] == asdict(config)
+    assert eft_ckpt["scheduler_state_dict"]["last_epoch"] == 2
+    # demo.py's strict loaders rebuild the small architectures from the stored configs
+    assert load_eft(exp / "ckpt_latest_eft.pt").config.hidden_dim == config.eft.hidden_dim
+    assert VLDM.from_checkpoint(exp / "ckpt_latest.pt").config == config.vldm
+    assert (exp / "ckpt_000002.pt").is_file() and (exp / "ckpt_000002_eft.pt").is_file()
+    assert not list(exp.glob(".*"))  # no temporary or pending file left behind
+    assert (exp / "config.yaml").is_file()
+    assert list((exp / "tensorboard").glob("events.*")) or not tensorboard
+
+    import imageio.v2 as imageio
+    image = imageio.imread(exp / "log" / "train_000002.jpg")
+    assert image.shape[0] == 64 and image.shape[1] % 64 == 0 and 5 <= image.shape[1] // 64 <= 8  # V + 3 panels
+
+
+def test_resumed_run_matches_an_uninterrupted_one(small_config, tmp_path):
+    # repeat=2 over 3 scenes: 6 steps per epoch; the stop at step 3 falls mid-scene and mid-epoch.
+    common = ("repeat=2", "save_itr=3", "vis_itr=3", "lr=1e-3")
+    straight = small_config(*common, "iterations=8", "archive_itr=3", exp_dir=tmp_path / "straight")
+    Trainer(straight, single_rank()).train()
+
+    Trainer(small_config(*common, "iterations=3", exp_dir=tmp_path / "split"), single_rank()).train()
+    resumed = Trainer(small_config(*common, "iterations=8", exp_dir=tmp_path / "split"), single_rank())
+    at_stop = load_file(tmp_path / "straight" / "ckpt_000003.pt", "checkpoint")
+    assert resumed.step == 3
+    assert_same(resumed.optimizers[0].state_dict(), at_stop["optimizer_state_dict"])
+    resumed.train()
+
+    for name in ("ckpt_latest.pt", "ckpt_latest_eft.pt"):
+        expected = load_file(tmp_path / "straight" / name, "checkpoint")
+        got = load_file(tmp_path / "split" / name, "checkpoint")
+        assert got["step"] == expected["step"] == 8
+        for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "rng_state"):
+            assert_same(got.get(key), expected.get(key))
+
+
+def assert_same(a, b):
+    """Assert two nested checkpoint structures are equal, tensors exactly."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP
+
+
+def _train_and_dump(rank, config, out_dir):
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    trainer = Trainer(config, rank)
+    trainer.train()
+    torch.save({"parameters": {name: p.detach() for name, p in trainer.model.named_parameters()},
+                "losses": trainer.last_losses}, Path(out_dir) / f"rank{rank.rank}.pt")
+
+
+def test_two_gloo_processes_keep_identical_parameters(small_config, tmp_path):
+    torch.manual_seed(0)
+    config = small_config("iterations=2", "gpus=2", "backend=gloo", "lr=1e-3", "save_itr=2")
+    launch(_train_and_dump, 2, port=7, backend="gloo", args=(config, tmp_path))
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert first["losses"]["total"] != second["losses"]["total"]  # each rank trained on its own draws...
+    assert_same(first["parameters"], second["parameters"])        # ...with gradients averaged across ranks
+    fresh = Trainer(small_config("iterations=2", exp_dir=tmp_path / "fresh"), single_rank())
+    assert not torch.equal(fresh.vldm.unet.final_conv.weight, first["parameters"]["vldm.unets.0.final_conv.weight"])
+    checkpoint = load_file(Path(config.exp_dir) / "ckpt_latest.pt", "checkpoint")
+    assert checkpoint["step"] == 2 and len(checkpoint["rng_state"]) == 2
+    assert not torch.equal(checkpoint["rng_state"][0]["torch"], checkpoint["rng_state"][1]["torch"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_steps_match_fp32_and_resume(small_config, tmp_path):
+    cuda = torch.device("cuda", 0)
+    rank = Rank(rank=0, local_rank=0, world_size=1, device=cuda)
+    trainer = Trainer(small_config("iterations=2", "precision=bf16", "vis_itr=2"), rank)
+    scene = trainer.dataset[(0, 0)]
+
+    def fixed_batch_loss(precision):
+        torch.manual_seed(7)
+        torch.cuda.manual_seed(7)
+        batch = training_batch(scene, trainer.codec, trainer.config, cuda)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return float(trainer.model(batch, trainer.config.diffusion_batch_size)["total"])
+
+    fp32, bf16 = fixed_batch_loss("fp32"), fixed_batch_loss("bf16")
+    assert abs(bf16 - fp32) < 0.05 * fp32
+    trainer.train()
+    resumed = Trainer(small_config("iterations=3", "precision=bf16"), rank)
+    assert resumed.step == 2 and resumed.train() == 3
+    state = load_file(Path(resumed.config.exp_dir) / "ckpt_latest.pt", "checkpoint")["rng_state"][0]
+    assert state["cuda"] is not None
