@@ -46,7 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--turntable_frames", type=int, default=DistillConfig.turntable_frames, help="frames of the turntable GIF (default: 50)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast for EFT/VAE/VLDM on CUDA (default: fp32)")
     parser.add_argument("--eft_mode", default="upstream", choices=("upstream", "eval"), help="EFT BatchNorm batch statistics + dropout as upstream, or eval mode")
-    parser.add_argument("--unet", default="eager", choices=("eager", "compile", "graph"), help="UNet fast path on CUDA (default: eager)")
+    parser.add_argument("--unet", default="graph", choices=("eager", "graph", "compile"),
+                        help="UNet on CUDA: 'eager' fp32 as upstream; 'graph' bf16 + CUDA graph, 4x faster (default); "
+                             "'compile' adds torch.compile, 7x")
     parser.add_argument("--vgg_weights", help="ImageNet VGG16 weights for LPIPS when the torch hub cache has none")
     parser.add_argument("--num_steps", type=int, default=NeRFRenderConfig.num_steps, help="stratified samples per NeRF ray (default: 64)")
     parser.add_argument("--upsample_steps", type=int, default=NeRFRenderConfig.upsample_steps, help="importance samples per NeRF ray (default: 64)")
