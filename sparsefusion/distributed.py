@@ -49,37 +49,36 @@ def under_torchrun():
 
 
 def launch(worker, n_procs, port, backend=None, args=()):
-    """Run worker(rank: Rank, *args) in n_procs processes (or in this one under torchrun / for one process)."""
+    """Run worker(rank: Rank, *args) in n_procs processes (or in this one under torchrun / for one process).
+
+    Ranks are passed explicitly, never left in this process's environment, so that a later launch
+    in the same process (tests, notebooks) does not mistake itself for a torchrun worker.
+    """
     if under_torchrun():
-        _run(int(os.environ["LOCAL_RANK"]), worker, backend, args)
-        return
-    os.environ.setdefault("MASTER_ADDR", "localhost")
-    os.environ["MASTER_PORT"] = f"1234{port}"
-    os.environ["WORLD_SIZE"] = str(n_procs)
-    if n_procs == 1:
-        os.environ["RANK"] = os.environ["LOCAL_RANK"] = "0"
-        _run(0, worker, backend, args)
+        _run(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]),
+             worker, backend, args)
+    elif n_procs == 1:
+        _run(0, 0, 1, worker, backend, args)
     else:
-        mp.spawn(_spawned, nprocs=n_procs, args=(worker, backend, args))
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ["MASTER_PORT"] = f"1234{port}"
+        mp.spawn(_spawned, nprocs=n_procs, args=(n_procs, worker, backend, args))
 
 
-def _spawned(local_rank, worker, backend, args):
-    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(local_rank)
-    _run(local_rank, worker, backend, args)
+def _spawned(local_rank, n_procs, worker, backend, args):
+    _run(local_rank, local_rank, n_procs, worker, backend, args)
 
 
-def _run(local_rank, worker, backend, args):
-    world_size = int(os.environ["WORLD_SIZE"])
+def _run(rank, local_rank, world_size, worker, backend, args):
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    backend = backend or ("nccl" if use_cuda else "gloo")
     if world_size > 1:
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size,
-                                rank=int(os.environ["RANK"]))
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"), init_method="env://",
+                                world_size=world_size, rank=rank)
     try:
-        worker(Rank(int(os.environ["RANK"]), local_rank, world_size, device), *args)
+        worker(Rank(rank, local_rank, world_size, device), *args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
