@@ -22,7 +22,8 @@ from sparsefusion.distributed import check_gpu_count, launch, split_list
 from sparsefusion.errors import UserError, exit_on_user_error
 from sparsefusion.models import check_checkpoints, load_models
 from sparsefusion.outputs import write_json
-from sparsefusion.reconstruct import mean_metrics, reconstruct_scene, summary_line
+from sparsefusion.evaluation import mean_over_scenes
+from sparsefusion.reconstruct import reconstruct_scene, summary_line
 
 
 def parse_args(argv=None):
@@ -153,7 +154,7 @@ def worker(rank, args):
         gathered = gather_records(records, rank)
         if rank.is_main:
             path = out_dir / "summary.json"
-            write_json({"scenes": gathered, "mean": mean_metrics(gathered) if gathered else None}, path)
+            write_json({"scenes": gathered, "mean": mean_over_scenes(gathered) if gathered else None}, path)
             print(f"{len(gathered)} scene(s) done; summary in {path}")
 
 

@@ -16,7 +16,6 @@ Files under the output folder, for scene sequence name {seq} = {category}_{index
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from sparsefusion.checkpoint import save_atomic
@@ -127,10 +126,3 @@ def summary_line(record):
     return (f"{record['sequence']}: PSNR {record['psnr']:.2f}  SSIM {record['ssim']:.3f}  LPIPS {lpips}  "
             f"inputs {record['input_views']}  {seconds:.0f} s")
 
-
-def mean_metrics(records):
-    """Return the mean PSNR/SSIM/LPIPS over scene records (LPIPS None if any scene lacks it)."""
-    means = {key: float(np.mean([r[key] for r in records])) for key in ("psnr", "ssim")}
-    lpips = [r["lpips"] for r in records]
-    means["lpips"] = None if any(v is None for v in lpips) else float(np.mean(lpips))
-    return means

@@ -18,13 +18,6 @@ TINY = EFTConfig(hidden_dim=32, n_layers=1, backbone_weights="random")
 UNUSED_BACKBONE = ("encoder_model.layer4.", "encoder_model.fc.")  # stored, never used, as upstream
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU ops gain nothing from threads, and OpenMP threads stall badly on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -32,17 +31,6 @@ UPSTREAM_KEYS = {
     "sigma_net.net.2.weight": (4, 64),
     "sigma_net.net.2.bias": (4,),
 }
-
-
-@contextmanager
-def single_thread():
-    """Run torch on one thread: its small ops gain nothing from two, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def slab_field(density, color):
@@ -239,17 +227,16 @@ def test_nerf_fits_eight_views_of_a_synthetic_scene():
     optimizer = torch.optim.Adam(network.get_params(3e-3), betas=(0.9, 0.99), eps=1e-15)
     config = RenderConfig(num_steps=24, upsample_steps=24)
     generator = torch.Generator().manual_seed(0)
-    with single_thread():
-        for _ in range(200):
-            batch = torch.randint(0, len(train_o), (256,), generator=generator)
-            out = network.render(train_o[batch], train_d[batch], config, perturb=True, bg_color=0, generator=generator)
-            loss = ((out["image"] - train_rgb[batch]) ** 2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        network.eval()
-        with torch.no_grad():
-            rendered = network.render(test_o, test_d, config, staged=True, bg_color=0)["image"]
+    for _ in range(200):
+        batch = torch.randint(0, len(train_o), (256,), generator=generator)
+        out = network.render(train_o[batch], train_d[batch], config, perturb=True, bg_color=0, generator=generator)
+        loss = ((out["image"] - train_rgb[batch]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.eval()
+    with torch.no_grad():
+        rendered = network.render(test_o, test_d, config, staged=True, bg_color=0)["image"]
     baseline = psnr(train_rgb.mean(dim=0).expand_as(test_rgb), test_rgb)
     assert psnr(rendered, test_rgb) > baseline + 8, (psnr(rendered, test_rgb), baseline)
 

@@ -16,13 +16,6 @@ from sparsefusion.vldm import VLDM, VLDMConfig, load_training_state, training_op
 RELEASED_KEYS = Path(__file__).parent / "data" / "keys_ckpt_latest.tsv"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and two busy cores make OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_vldm(sample_steps=6, **unet_overrides):
