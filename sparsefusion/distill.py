@@ -18,7 +18,7 @@ The hot loop keeps fixed shapes and makes no host synchronisation except every l
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -296,7 +296,3 @@ class PhaseClock:
         self.laps[name] = now - self.start
         self.start = now
 
-
-def config_dict(config):
-    """Return a DistillConfig as a JSON-ready dict."""
-    return asdict(config)

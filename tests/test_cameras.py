@@ -119,7 +119,6 @@ def orbit_cameras(n, radius=4.0, height=1.0, dtype=torch.float64):
 
 
 def test_circle_fit_and_path_reproduce_the_orbit():
-    xs = torch.tensor([3.0, 1.0, -1.0, 1.0, 2.4], dtype=torch.float64)
     angles = torch.tensor([0.0, 1.0, 2.0, 4.0, 5.5], dtype=torch.float64)
     xc, yc, r = fit_circle_2d(1.0 + 2.0 * torch.cos(angles), -0.5 + 2.0 * torch.sin(angles))
     assert torch.allclose(torch.stack([xc, yc, r]), torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
