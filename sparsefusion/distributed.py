@@ -62,7 +62,11 @@ def launch(worker, n_procs, port, backend=None, args=()):
     else:
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ["MASTER_PORT"] = f"1234{port}"
-        mp.spawn(_spawned, nprocs=n_procs, args=(n_procs, worker, backend, args))
+        try:
+            mp.spawn(_spawned, nprocs=n_procs, args=(n_procs, worker, backend, args))
+        except mp.ProcessExitedException as err:  # a rank stopped on a user error, which it has printed
+            raise UserError(f"process {err.error_index} of {n_procs} stopped (exit status {err.exit_code}); "
+                            "its message is above") from None
 
 
 def _spawned(local_rank, n_procs, worker, backend, args):

@@ -13,6 +13,7 @@ Files under the output folder, for scene sequence name {seq} = {category}_{index
   {seq}.pt                      the NeRF, {'model_state_dict': …}
 """
 
+import sys
 import time
 from dataclasses import asdict
 
@@ -20,6 +21,7 @@ import torch
 
 from sparsefusion.checkpoint import save_atomic
 from sparsefusion.distill import Distillation, run_distillation
+from sparsefusion.errors import UserError
 from sparsefusion.mesh import export_mesh
 from sparsefusion.metrics import scene_metrics
 from sparsefusion.outputs import image_grid, plot_losses, side_by_side, write_gif, write_image, write_json, write_text
@@ -114,8 +116,11 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
              "input_views": inputs, "n_views": len(scene.images), "timings": timings}
     record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)
-    export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", bound=config.nerf.bound,
-                threshold=mesh_threshold, resolution=mesh_resolution)
+    try:
+        export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", bound=config.nerf.bound,
+                    threshold=mesh_threshold, resolution=mesh_resolution)
+    except UserError as err:  # the mesh is an extra: a scene's other outputs stand without it
+        print(f"warning: {label}: no mesh written: {err}", file=sys.stderr)
     return record
 
 

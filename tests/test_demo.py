@@ -27,7 +27,7 @@ SIZE, TURNTABLE = 32, 3
 def setup(tmp_path_factory):
     """A one-scene synthetic dataset and tiny EFT / VLDM / VAE checkpoints; returns their paths."""
     root = tmp_path_factory.mktemp("demo")
-    generate_synthetic(["--root", str(root / "data"), "--categories", "hydrant", "--scenes", "1", "--frames", "12",
+    generate_synthetic(["--root", str(root / "data"), "--categories", "hydrant", "--scenes", "2", "--eval-scenes", "2", "--frames", "12",
                         "--image-sizes", "48x64"])
     torch.manual_seed(0)
     eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
@@ -40,6 +40,7 @@ def setup(tmp_path_factory):
 
 
 def flags(root, *extra):
+    """demo.py flags for the small setup; later flags override earlier ones (argparse keeps the last)."""
     return ["-d", "synthetic", "-r", str(root / "data"), "-c", "hydrant",
             "-e", str(root / "eft.pt"), "-l", str(root / "vldm.pt"), "-a", str(root / "vae.ckpt"),
             "-o", str(root / "out"), *extra]
@@ -106,7 +107,7 @@ def test_metrics_agree_with_the_saved_frames(run):
 
 @pytest.mark.parametrize("extra, message", [
     (["-i", "0,x"], "-i/--idx '0,x' is invalid"),
-    (["-i", "4"], "-i/--idx 4 is out of range: hydrant has 1 scenes"),
+    (["-i", "4"], "-i/--idx 4 is out of range: hydrant has 2 scenes"),
     (["-v", "99"], "-v/--input_views 99 is more than the"),
     (["-c", "hydrantt", "-d", "co3d"], "unknown category 'hydrantt'"),
     (["-e", "missing/eft.pt"], "EFT checkpoint not found at missing/eft.pt; get it from the SparseFusion weights"),
@@ -132,3 +133,12 @@ def test_command_line_error_has_no_traceback(setup):
                           text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: -i/--idx 7 is out of range")
+
+
+def test_two_processes_split_the_scenes_and_rank_0_summarises(setup, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks: one thread each on a small machine
+    out = setup / "out_g2"
+    demo.main(flags(setup, "-g", "2", "-i", "0,1", "-o", str(out), *SMALL_RUN, "--iterations", "4", "--fusion_start", "2"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(s["sequence"] for s in summary["scenes"]) == ["hydrant_000_c2", "hydrant_001_c2"]
+    assert (out / "render_gifs" / "hydrant_001_c2.gif").is_file() and (out / "hydrant_000_c2.pt").is_file()
