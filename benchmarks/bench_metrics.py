@@ -9,8 +9,6 @@ times, a whole scene's time, and the relative error of device LPIPS (TF32 on and
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from sparsefusion.errors import UserError, exit_on_user_error
 from sparsefusion.metrics import hwc_frames, psnr, scene_metrics, ssim
 from sparsefusion.perceptual import build_lpips, lpips_distance
+from timing import median_seconds
 
 
 def synthetic_scene(frames, size, generator):
@@ -27,21 +26,6 @@ def synthetic_scene(frames, size, generator):
     noise = 0.05 * torch.randn(gts.shape, generator=generator)
     preds = (F.avg_pool2d(gts, 3, 1, 1) + noise).clamp(0, 1)
     return preds, gts
-
-
-def median_seconds(fn, device, repeats, warmup=2):
-    """Return the median wall time of fn() over repeats, after warm-up, synchronising the device."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lpips_per_frame(model, preds, gts):

@@ -17,9 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from external.gridencoder import grid_encode, grid_levels, triton_available  # n
 from external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
 from external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
 from external.nerf_renderer import RenderConfig  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 UPSTREAM_GRID = NeRFConfig().grid_config()
 HASH_GRID = dataclasses.replace(UPSTREAM_GRID, gridtype="hash")
@@ -38,20 +37,6 @@ HASH_GRID = dataclasses.replace(UPSTREAM_GRID, gridtype="hash")
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(step, device, warmup, repeats):
-    """Return the median wall time of step() over repeats calls, after warmup calls, device synchronised."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def relative_error(fast, reference):
@@ -89,8 +74,8 @@ def bench_encoder(device, n_points, warmup, repeats):
                 out = grid_encode(points, weights, levels, backend)
                 return out, torch.autograd.grad(out, weights, grad_out)[0]
 
-            forward_s = median_seconds(forward, device, warmup, repeats)
-            both_s = median_seconds(forward_backward, device, warmup, repeats)
+            forward_s = median_seconds(forward, device, repeats, warmup)
+            both_s = median_seconds(forward_backward, device, repeats, warmup)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             out, grad = forward_backward()
@@ -149,7 +134,7 @@ def bench_training(device, size, warmup, repeats):
                 return out
 
             first = iteration()  # from the same initial weights for every variant: comparable images
-            seconds = median_seconds(iteration, device, warmup, repeats)
+            seconds = median_seconds(iteration, device, repeats, warmup)
             row = {"backend": backend, "precision": precision, "rays": size * size,
                    "samples_per_ray": config.num_steps + config.upsample_steps, "seconds_per_iteration": seconds,
                    "finite": bool(torch.isfinite(first["image"]).all())}

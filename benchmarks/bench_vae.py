@@ -12,8 +12,6 @@ Weights: --ckpt (any layout load_vae reads), else PyTorch's default init, which 
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +19,7 @@ import torch.nn.functional as F
 from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.errors import exit_on_user_error
 from sparsefusion.vae import SCALE_FACTOR, LatentCodec, LatentCodecConfig, load_vae
+from timing import median_seconds
 
 MODES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 
@@ -29,21 +28,6 @@ def smooth_images(batch, size, generator):
     """Return (batch, 3, size, size) in [0, 1]: bicubically upsampled noise, a stand-in for renders."""
     coarse = torch.rand(batch, 3, size // 16, size // 16, generator=generator)
     return F.interpolate(coarse, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def median_ms(fn, device, repeats, warmup=3):
-    """Return the median time of fn() in milliseconds over repeats, after warm-up, synchronising CUDA."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def relative_error(value, reference):
@@ -90,8 +74,8 @@ def main():
         model = copy.deepcopy(vae)
         codec = LatentCodec(model, LatentCodecConfig(precision=precision, channels_last=channels_last))
         with torch.no_grad():
-            encode_ms = median_ms(lambda: codec.encode_images(images), device, args.repeats)
-            decode_ms = median_ms(lambda: codec.decode_latents(latents), device, args.repeats)
+            encode_ms = 1e3 * median_seconds(lambda: codec.encode_images(images), device, args.repeats, warmup=3)
+            decode_ms = 1e3 * median_seconds(lambda: codec.decode_latents(latents), device, args.repeats, warmup=3)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 raw_mode = model.decode(latents / SCALE_FACTOR)
             rows.append({

@@ -1,0 +1,27 @@
+"""Timing shared by the benchmark scripts (imported as `timing`: scripts run with their folder on sys.path)."""
+
+import statistics
+import time
+
+import torch
+
+
+def median_seconds(fn, device, repeats, warmup=1):
+    """Return the median wall time of fn() in seconds over repeats calls after warmup calls.
+
+    The device is synchronised before and after each timed call, so queued GPU work is counted.
+    """
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
