@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--image_size", type=int, default=DistillConfig.image_size, help="image size of the models (default: 256; smaller only for small models)")
     parser.add_argument("--circle_cameras", type=int, default=DistillConfig.circle_cameras, help="extra circle cameras (default: 50)")
     parser.add_argument("--turntable_frames", type=int, default=DistillConfig.turntable_frames, help="frames of the turntable GIF (default: 50)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast for EFT/VAE/VLDM on CUDA (default: fp32)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast of the EFT feature cache and the eager UNet/LPIPS calls on CUDA; the VAE stays fp32 (default: fp32)")
     parser.add_argument("--eft_mode", default="upstream", choices=("upstream", "eval"), help="EFT BatchNorm batch statistics + dropout as upstream, or eval mode")
     parser.add_argument("--unet", default="graph", choices=("eager", "graph", "compile"),
                         help="UNet on CUDA: 'eager' fp32 as upstream; 'graph' bf16 + CUDA graph, 4x faster (default); "
