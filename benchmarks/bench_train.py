@@ -31,6 +31,7 @@ from sparsefusion.eft import EpipolarFeatureTransformer  # noqa: E402
 from sparsefusion.training import (PRECISIONS, JointModel, build_codec, load_config, set_matmul_precision,  # noqa: E402
                                    train_step, training_batch)
 from sparsefusion.vldm import VLDM  # noqa: E402
+from timing import call_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,20 +51,6 @@ def parse_args():
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(PRECISIONS)}")
     return args
-
-
-def step_ms(fn, device):
-    """Return the wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def relative_error(a, b):
@@ -92,7 +79,7 @@ def measure(name, model, initial, scene, codec, config, args, device):
     first_step_s = time.perf_counter() - start
     for _ in range(args.warmup):
         step()
-    times = [step_ms(step, device) for _ in range(args.steps)]
+    times = [call_ms(step, device) for _ in range(args.steps)]
     row = {"variant": name, "first_step_s": first_step_s, "step_ms": statistics.median(times),
            "step_ms_min": min(times), "step_ms_max": max(times), "losses": first}
     row["steps_per_s"] = 1e3 / row["step_ms"]

@@ -27,6 +27,7 @@ from external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402
+from timing import call_ms  # noqa: E402
 
 # name: (fast path, TF32 allowed)
 VARIANTS = {
@@ -71,24 +72,6 @@ def set_tf32(allowed):
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-def median_ms(fn, repeats, device):
-    """Return the median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -113,9 +96,9 @@ def measure(name, model, inputs, latent, args, device, reference=None):
         first_call_s = time.perf_counter() - start
         for _ in range(args.warmup):
             model(x, log_snr, cond)
-        unet_ms = median_ms(lambda: model(x, log_snr, cond), args.repeats, device)
+        unet_ms = statistics.median(call_ms(lambda: model(x, log_snr, cond), device) for _ in range(args.repeats))
         x0 = plms()
-        plms_ms = median_ms(plms, args.plms_repeats, device)
+        plms_ms = statistics.median(call_ms(plms, device) for _ in range(args.plms_repeats))
     row = {"variant": name, "first_call_s": first_call_s, "unet_ms": unet_ms, "plms_ms": plms_ms,
            "eps": eps.float().clone(), "x0": x0.float().clone()}
     if reference is not None:

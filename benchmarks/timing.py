@@ -25,3 +25,17 @@ def median_seconds(fn, device, repeats, warmup=1):
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def call_ms(fn, device):
+    """Return the time of one fn() call in milliseconds: CUDA events on a GPU, the host clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3

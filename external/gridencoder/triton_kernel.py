@@ -77,6 +77,18 @@ def _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK: tl.constexp
 
 
 @triton.jit
+def _corner(corner: tl.constexpr, gx, gy, gz, fx, fy, fz, row0, size, axis, dims, hashed):
+    """Return the trilinear weights along x, y, z of one of the 8 cell corners, and its table row."""
+    ux = corner & 1
+    uy = (corner >> 1) & 1
+    uz = (corner >> 2) & 1
+    wx = fx if ux else 1 - fx
+    wy = fy if uy else 1 - fy
+    wz = fz if uz else 1 - fz
+    return wx, wy, wz, _corner_row(gx + ux, gy + uy, gz + uz, row0, size, axis, dims, hashed)
+
+
+@triton.jit
 def _grid_forward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, out_ptr, n_points, n_levels, shift,
                          C: tl.constexpr, BLOCK: tl.constexpr):
     (level, points, valid, inside, row0, size, axis, dims, hashed, scale,
@@ -85,13 +97,7 @@ def _grid_forward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, out_ptr, n_point
     load_mask = (valid & inside)[:, None]
     acc = tl.zeros((BLOCK, C), dtype=tl.float32)
     for corner in tl.static_range(8):
-        ux = corner & 1
-        uy = (corner >> 1) & 1
-        uz = (corner >> 2) & 1
-        wx = fx if ux else 1 - fx
-        wy = fy if uy else 1 - fy
-        wz = fz if uz else 1 - fz
-        row = _corner_row(gx + ux, gy + uy, gz + uz, row0, size, axis, dims, hashed)
+        wx, wy, wz, row = _corner(corner, gx, gy, gz, fx, fy, fz, row0, size, axis, dims, hashed)
         values = tl.load(table_ptr + row[:, None] * C + channels[None, :], mask=load_mask, other=0.0)
         acc += (wx * wy * wz)[:, None] * values
     out = out_ptr + points[:, None] * (n_levels * C) + level * C + channels[None, :]
@@ -112,22 +118,16 @@ def _grid_backward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, grad_out_ptr, g
     dfy = tl.zeros((BLOCK,), dtype=tl.float32)
     dfz = tl.zeros((BLOCK,), dtype=tl.float32)
     for corner in tl.static_range(8):
-        ux = corner & 1
-        uy = (corner >> 1) & 1
-        uz = (corner >> 2) & 1
-        wx = fx if ux else 1 - fx
-        wy = fy if uy else 1 - fy
-        wz = fz if uz else 1 - fz
-        row = _corner_row(gx + ux, gy + uy, gz + uz, row0, size, axis, dims, hashed)
+        wx, wy, wz, row = _corner(corner, gx, gy, gz, fx, fy, fz, row0, size, axis, dims, hashed)
         offsets = row[:, None] * C + channels[None, :]
         tl.atomic_add(grad_table_ptr + offsets, (wx * wy * wz)[:, None] * grad_out, mask=mask)
         if NEED_X_GRAD:
             values = tl.load(table_ptr + offsets, mask=mask, other=0.0)
             along = tl.sum(values * grad_out, axis=1)
             # d(weight)/d(fraction) is ±(product of the other two factors)
-            dfx += along * (wy * wz if ux else -(wy * wz))
-            dfy += along * (wx * wz if uy else -(wx * wz))
-            dfz += along * (wx * wy if uz else -(wx * wy))
+            dfx += along * (wy * wz if corner & 1 else -(wy * wz))
+            dfy += along * (wx * wz if (corner >> 1) & 1 else -(wx * wz))
+            dfz += along * (wx * wy if (corner >> 2) & 1 else -(wx * wy))
     if NEED_X_GRAD:
         base = grad_x_ptr + (points * n_levels + level) * 3
         tl.store(base + 0, dfx * scale, mask=valid)
