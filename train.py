@@ -1,21 +1,25 @@
 """Train SparseFusion's EFT and VLDM jointly for one category, under DDP; a rerun resumes where it stopped.
 
+With stage=vae it trains an AutoencoderKL on the dataset's images instead (the mini models' first stage).
+
     python train.py -c hydrant                                  # one GPU, CO3Dv2 under data/co3d
     python train.py -c hydrant -g 8 -r /datasets/co3d            # eight GPUs
     python train.py -c hydrant --config my.yaml vis_itr=500 precision=bf16
     torchrun --nproc_per_node 8 --nnodes 2 ... train.py -c hydrant   # several machines
     python train.py -c hydrant -d synthetic --config configs/train_small.yaml   # CPU smoke run
+    python train.py --config configs/mini.yaml stage=vae     # the mini recipe: the VAE, then stage=joint
 
 Settings, lowest priority first: TrainConfig's defaults (upstream's), the --config YAML, the flags,
 then key=value overrides (nested ones as eft.n_layers=2). Outputs and checkpoints go to exp_dir,
-output/sparsefusion_exp/demo_train/{category}_joint by default (see docs/training.md).
+output/sparsefusion_exp/demo_train/{category}_{stage} by default (see docs/training.md).
 """
 
 import argparse
 
 from sparsefusion.data import DATASET_NAMES
 from sparsefusion.errors import exit_on_user_error
-from sparsefusion.training import BACKENDS, load_config, run_training
+from sparsefusion.trainer import run_training
+from sparsefusion.training import BACKENDS, load_config
 
 # flag -> TrainConfig field
 FLAG_FIELDS = ("gpus", "port", "dataset", "root", "category", "vae", "backend")
@@ -28,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("-d", "--dataset", choices=DATASET_NAMES, help="dataset (default: co3d)")
     parser.add_argument("-r", "--root", help="dataset root (default: data/{dataset})")
     parser.add_argument("-c", "--category", help="CO3D category to train (required unless the config sets it)")
-    parser.add_argument("-a", "--vae", help="SD VAE checkpoint (default: checkpoints/sd/sd-v1-3-vae.ckpt)")
+    parser.add_argument("-a", "--vae", help="VAE checkpoint (default: checkpoints/sd/sd-v1-3-vae.ckpt)")
     parser.add_argument("-b", "--backend", choices=BACKENDS, help="torch.distributed backend (default: auto, "
                                                                   "nccl on GPU and gloo on CPU)")
     parser.add_argument("--config", help="YAML file of TrainConfig fields")

@@ -1,7 +1,7 @@
 """Time train.py's step at upstream's sizes on one GPU: fp32 against TF32 and bf16 autocast, with loss parity.
 
     python benchmarks/bench_train.py --out bench_train.json                    # one GPU, full size
-    python benchmarks/bench_train.py --device cpu --small --out /tmp/b.json    # smoke test
+    python benchmarks/bench_train.py --config configs/mini.yaml --out /tmp/b.json  # the mini models
 
 One step is everything train.py does per iteration after loading a scene: draw the query and 2–5
 context views, render the EFT's 32×32 features with gradients, encode the query with the VAE, the
@@ -27,10 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsefusion.data.synthetic import render_synthetic_scene  # noqa: E402
-from sparsefusion.eft import EpipolarFeatureTransformer  # noqa: E402
-from sparsefusion.training import (PRECISIONS, JointModel, build_codec, load_config, set_matmul_precision,  # noqa: E402
-                                   train_step, training_batch)
-from sparsefusion.vldm import VLDM  # noqa: E402
+from sparsefusion.joint_objective import JointObjective, adam_with_step_lr  # noqa: E402
+from sparsefusion.trainer import train_step  # noqa: E402
+from sparsefusion.training import PRECISIONS, load_config, set_matmul_precision  # noqa: E402
 from timing import call_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="configs/train_small.yaml models at 64×64 (smoke test)")
+    parser.add_argument("--config", help="a TrainConfig YAML, e.g. configs/mini.yaml (default: upstream's sizes)")
     parser.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated from {', '.join(PRECISIONS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
@@ -57,22 +56,22 @@ def relative_error(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def measure(name, model, initial, scene, codec, config, args, device):
+def measure(name, objective, initial, scene, config, args, device):
     """Return one row of results: first-step losses, median step time and peak memory of a precision."""
     config = copy.copy(config)
     config.precision = name
+    objective.config = config
     set_matmul_precision(name)
-    model.load_state_dict(initial)
-    optimizers = [torch.optim.Adam(module.parameters(), lr=config.lr) for module in (model.vldm, model.eft)]
-    schedulers = [torch.optim.lr_scheduler.StepLR(o, config.lr_step, config.lr_gamma) for o in optimizers]
+    objective.model.load_state_dict(initial)
+    pairs = [adam_with_step_lr(module, config) for module in (objective.vldm, objective.eft)]
+    objective.optimizers, objective.schedulers = [p[0] for p in pairs], [p[1] for p in pairs]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(args.seed)
 
     def step():
-        batch = training_batch(scene, codec, config, device)
-        return train_step(model, optimizers, schedulers, batch, config.diffusion_batch_size, name, device)
+        return train_step(objective.model, objective, objective.batch(scene), name, device)
 
     start = time.perf_counter()
     first = {key: value.item() for key, value in step().items()}
@@ -94,24 +93,24 @@ def main():
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # as train.py
     overrides = ["category=hydrant", "vae=random", "eft.backbone_weights=random"]
-    config = load_config(ROOT / "configs" / "train_small.yaml" if args.small else None, overrides)
+    config = load_config(args.config, overrides + ["stage=joint"])
     torch.manual_seed(args.seed)
-    scene = render_synthetic_scene("hydrant", args.seed, n_views=8, image_hw=(config.image_size,) * 2,
-                                   supersample=1).to_scene()
-    model = JointModel(EpipolarFeatureTransformer(config.eft), VLDM(config.vldm)).to(device).train()
-    model.vldm.unet.final_conv.reset_parameters()  # zero-initialised otherwise: ε̂ = 0 in every precision
-    codec = build_codec(config, device)
-    initial = copy.deepcopy(model.state_dict())
+    scene = render_synthetic_scene("hydrant", args.seed, n_views=config.views_per_scene,
+                                   image_hw=(config.image_size,) * 2, supersample=1).to_scene()
+    objective = JointObjective(config, device)
+    objective.vldm.unet.final_conv.reset_parameters()  # zero-initialised otherwise: ε̂ = 0 in every precision
+    initial = copy.deepcopy(objective.model.state_dict())
     sizes = {name: sum(p.numel() for p in module.parameters()) / 1e6
-             for name, module in (("eft", model.eft), ("vldm", model.vldm), ("vae", codec.vae))}
-    print(f"{'small' if args.small else 'full'} models on {device}: "
+             for name, module in (("eft", objective.eft), ("vldm", objective.vldm), ("vae", objective.codec.vae))}
+    print(f"{args.config or 'full-size'} models on {device}: "
           + ", ".join(f"{name} {millions:.1f} M" for name, millions in sizes.items())
-          + f"; {config.image_size}² images, diffusion batch {config.diffusion_batch_size}")
+          + f"; {config.image_size}² images, {config.queries_per_step} queries x diffusion batch "
+          + f"{config.diffusion_batch_size}")
 
     rows = []
     for name in args.variants:
         try:
-            rows.append(measure(name, model, initial, scene, codec, config, args, device))
+            rows.append(measure(name, objective, initial, scene, config, args, device))
         except Exception as err:  # one variant failing (e.g. out of memory) must not hide the others
             rows.append({"variant": name, "error": f"{type(err).__name__}: {err}"})
         print(f"  done: {name}", flush=True)
@@ -136,7 +135,7 @@ def main():
         summary = {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "small": args.small, "params_millions": sizes, "image_size": config.image_size,
+            "config": args.config, "queries_per_step": config.queries_per_step, "params_millions": sizes, "image_size": config.image_size,
             "diffusion_batch_size": config.diffusion_batch_size, "steps": args.steps, "warmup": args.warmup,
             "results": rows,
         }

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.resnet import BasicBlock
 
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
 from sparsefusion.errors import UserError
@@ -28,6 +29,7 @@ from sparsefusion.rays import HarmonicEmbedding
 
 RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 weights, as upstream's pretrained=True
 RESNET18_STAGES = ("layer1", "layer2", "layer3")  # stages after the stem whose outputs are features
+BACKBONES = ("resnet18", "small")
 
 
 @dataclass
@@ -37,8 +39,12 @@ class EFTConfig:
     hidden_dim: int = 256            # width of T1, T2, T3 and of the output feature
     n_layers: int = 4                # transformer layers in each of T1, T2, T3
     dropout: float = 0.1             # dropout inside the transformer layers
-    backbone_weights: str = "auto"   # "auto": ImageNet ResNet-18 from the torch hub cache when there, else
-                                     # random with a warning; "random"; or a path to resnet18-f37072fd.pth
+    backbone: str = "resnet18"       # "resnet18": torchvision's, layer4 and fc kept unused (upstream); "small": a
+                                     # ResNet of BasicBlocks with backbone_widths / backbone_blocks, no layer4/fc
+    backbone_widths: tuple = (32, 64, 128)  # "small": channels of layer1-3 (the stem has layer1's)
+    backbone_blocks: tuple = (1, 1, 1)      # "small": BasicBlocks in layer1-3
+    backbone_weights: str = "auto"   # resnet18 only: "auto": ImageNet ResNet-18 from the torch hub cache when
+                                     # there, else random with a warning; "random"; or a path to resnet18-f37072fd.pth
 
 
 @dataclass
@@ -83,6 +89,49 @@ def load_backbone_weights(backbone, weights):
     state = load_file(path, "ImageNet ResNet-18 weights", where_to_get="torchvision's resnet18 IMAGENET1K_V1")
     load_state_dict_strict(backbone, state, f"ResNet-18 weights at {path}")
     return True
+
+
+class SmallResNet(nn.Module):
+    """A ResNet stem and three stages of torchvision BasicBlocks at chosen widths, under ResNet-18's names.
+
+    The EFT reads the stem and layer1-3 (see EpipolarFeatureTransformer.encode); this backbone has only
+    those, so small models need neither ResNet-18's 11 M parameters nor ImageNet weights.
+    """
+
+    def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1)):
+        super().__init__()
+        if len(widths) != 3 or len(blocks) != 3 or min(blocks) < 1:
+            raise ValueError(f"backbone_widths and backbone_blocks need 3 entries (blocks >= 1), got {widths}, {blocks}")
+        stem = widths[0]
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        channels = stem
+        for index, (width, count) in enumerate(zip(widths, blocks)):
+            stride = 1 if index == 0 else 2
+            layers = [BasicBlock(channels, width, stride, downsample=_projection(channels, width, stride))]
+            layers += [BasicBlock(width, width) for _ in range(count - 1)]
+            setattr(self, RESNET18_STAGES[index], nn.Sequential(*layers))
+            channels = width
+
+
+def _projection(channels, width, stride):
+    """Return torchvision's 1×1 conv + BatchNorm shortcut where a block changes width or stride, else None."""
+    if stride == 1 and channels == width:
+        return None
+    return nn.Sequential(nn.Conv2d(channels, width, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(width))
+
+
+def build_backbone(config):
+    """Return the EFT's image encoder for an EFTConfig (see its backbone fields)."""
+    if config.backbone not in BACKBONES:
+        raise UserError(f"eft.backbone must be one of {list(BACKBONES)}, got {config.backbone!r}")
+    if config.backbone == "small":
+        return SmallResNet(tuple(config.backbone_widths), tuple(config.backbone_blocks))
+    backbone = torchvision.models.resnet18(weights=None)
+    load_backbone_weights(backbone, config.backbone_weights)
+    return backbone
 
 
 def plucker_coordinates(origins, directions):
@@ -139,8 +188,7 @@ class EpipolarFeatureTransformer(nn.Module):
         self.config = config
         hidden = config.hidden_dim
         self.harmonic_embedding = HarmonicEmbedding(config.n_harmonic_functions, config.omega0)
-        self.encoder_model = torchvision.models.resnet18(weights=None)
-        load_backbone_weights(self.encoder_model, config.backbone_weights)
+        self.encoder_model = build_backbone(config)
         # Upstream runs one encode of a zero image in training mode here (to read the feature width),
         # which moves the stem's and layer1-3's BatchNorm running statistics one momentum step.
         # Kept, so a freshly built model's state dict equals upstream's; a loaded checkpoint overwrites it.
@@ -159,14 +207,14 @@ class EpipolarFeatureTransformer(nn.Module):
 
     @property
     def latent_dim(self):
-        """Channels of the stacked backbone features: the stem's 64 plus layer1-3's."""
-        return 64 + sum(getattr(self.encoder_model, name)[-1].conv2.out_channels for name in RESNET18_STAGES)
+        """Channels of the stacked backbone features: the stem's (64 for ResNet-18) plus layer1-3's."""
+        return self.encoder_model.conv1.out_channels + sum(getattr(self.encoder_model, name)[-1].conv2.out_channels for name in RESNET18_STAGES)
 
     def encode(self, images):
         """Return the ContextViews of images (V, 3, H, W) in [0, 1].
 
         The stem (conv1, bn1, relu) and layer1-3 outputs are upsampled bilinearly (align_corners=True)
-        to the stem's resolution H/2 × W/2 and stacked: (V, 64 + 64 + 128 + 256, H/2, W/2). As upstream,
+        to the stem's resolution H/2 × W/2 and stacked: (V, 64 + 64 + 128 + 256, H/2, W/2) for ResNet-18. As upstream,
         the images enter the ResNet unnormalised and layer4/fc are never used.
         """
         net = self.encoder_model

@@ -104,8 +104,8 @@ def write_text(text, path):
     return Path(path)
 
 
-def plot_losses(curves, path, title=None):
-    """Plot named loss curves {name: [values per iteration]} into an image file atomically."""
+def plot_losses(curves, path, title=None, x=None, xlabel="iteration", log_scale=False):
+    """Plot named loss curves {name: [values]} against x (default 0, 1, ...) into an image file atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,8 +113,10 @@ def plot_losses(curves, path, title=None):
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for name, values in curves.items():
         if len(values):
-            axes.plot(np.arange(len(values)), values, linewidth=1, label=name)
-    axes.set_xlabel("iteration")
+            axes.plot(np.arange(len(values)) if x is None else x[:len(values)], values, linewidth=1, label=name)
+    if log_scale:
+        axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
     axes.legend(loc="upper right")
     if title:
         axes.set_title(title)

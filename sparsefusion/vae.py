@@ -4,8 +4,9 @@ Layouts (one loader, `load_vae`): an SD v1 checkpoint ({'state_dict': {'first_st
 encoder keys}}), a file holding only the VAE's ldm keys, and diffusers' AutoencoderKL safetensors.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import safetensors.torch
 import torch
@@ -162,20 +163,25 @@ def convert_to_diffusers_vae_state_dict(state_dict, config=None):
 # ------------------------------------------------------------------ loading
 
 def read_tensors(path, what="SD VAE checkpoint"):
-    """Return (tensors, stored config dict or None) of a .safetensors file or a torch pickle.
+    """Return (tensors, stored entries) of a .safetensors file or a torch pickle.
 
-    A pickle's tensors are its 'state_dict' (or the whole dict); our save_vae also stores 'config'.
+    A pickle's tensors are its 'state_dict' (or the whole dict); the stored entries are what our
+    save_vae adds beside them: {'config': architecture dict, 'scale_factor': float}, each if present.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found at {path}; get it from {WHERE_TO_GET}")
     if path.suffix == ".safetensors":
         try:
-            return safetensors.torch.load_file(str(path), device="cpu"), None
+            return safetensors.torch.load_file(str(path), device="cpu"), {}
         except Exception as err:  # a truncated or foreign file: name it, keep the cause
             raise UserError(f"{what} at {path} could not be read ({type(err).__name__}: {err})") from err
     content = load_file(path, what, WHERE_TO_GET, safe_globals=skipped_safe_globals())
-    stored = content.get("config") if isinstance(content, dict) and isinstance(content.get("config"), dict) else None
+    stored = {}
+    if isinstance(content, dict) and isinstance(content.get("config"), dict):
+        stored["config"] = content["config"]
+    if isinstance(content, dict) and isinstance(content.get("scale_factor"), float):
+        stored["scale_factor"] = content["scale_factor"]
     if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
         content = content["state_dict"]
     if not isinstance(content, dict):
@@ -200,22 +206,33 @@ def vae_state_dict(state_dict, config=None):
     return {key: value for key, value in state_dict.items() if not key.startswith(IGNORED_PREFIXES)}
 
 
-def load_vae(path=DEFAULT_VAE_PATH, config=None, device="cpu"):
-    """Return a frozen AutoencoderKL in eval mode with the weights in path (any of the three layouts).
+def read_vae(path, config=None):
+    """Return (AutoencoderKL on the CPU with the weights in path, the file's stored scale factor or None).
 
-    Every VAE key must be present with its shape; otherwise a UserError names the missing, unexpected or
-    mis-shaped keys. The architecture is config, else the one save_vae stored, else SD v1's.
+    Any of the three layouts. Every VAE key must be present with its shape; otherwise a UserError names
+    the missing, unexpected or mis-shaped keys. The architecture is config, else the one save_vae
+    stored, else SD v1's. Half-precision weights load as float32.
     """
     tensors, stored = read_tensors(path)
-    config = config or (config_from_dict(AutoencoderKLConfig, stored) if stored else AutoencoderKLConfig())
+    if config is None:
+        config = config_from_dict(AutoencoderKLConfig, stored["config"]) if "config" in stored else AutoencoderKLConfig()
     weights = vae_state_dict(tensors, config)
-    vae = load_state_dict_strict(AutoencoderKL(config), weights, f"SD VAE checkpoint {path}")
+    vae = load_state_dict_strict(AutoencoderKL(config), weights, f"VAE checkpoint {path}")
+    return vae, stored.get("scale_factor")
+
+
+def load_vae(path=DEFAULT_VAE_PATH, config=None, device="cpu"):
+    """Return a frozen AutoencoderKL in eval mode with the weights in path (see read_vae)."""
+    vae, _ = read_vae(path, config)
     return vae.to(device).eval().requires_grad_(False)
 
 
-def save_vae(vae, path):
-    """Write a VAE-only file {'state_dict': ldm names, 'config': its architecture} atomically to path."""
-    return save_atomic({"state_dict": vae.state_dict(), "config": config_to_dict(vae.config)}, path)
+def save_vae(vae, path, scale_factor=None):
+    """Write a VAE-only file {'state_dict': ldm names, 'config': its architecture[, 'scale_factor']} atomically."""
+    content = {"state_dict": vae.state_dict(), "config": config_to_dict(vae.config)}
+    if scale_factor is not None:
+        content["scale_factor"] = float(scale_factor)
+    return save_atomic(content, path)
 
 
 # ------------------------------------------------------------------ the codec used by training and distillation
@@ -227,7 +244,8 @@ PRECISIONS = ("fp32", "bf16")
 class LatentCodecConfig:
     """How images become diffusion latents and back."""
 
-    scale_factor: float = SCALE_FACTOR  # latents = posterior mode * scale_factor
+    scale_factor: Optional[float] = None  # latents = posterior mode * scale_factor; None: the VAE file's stored
+                                          # factor (our own VAEs), else SD's 0.18215
     precision: str = "fp32"             # "fp32", or "bf16" autocast (on an H100 at batch 1 slower and ~1 % off: docs/vae.md)
     channels_last: bool = False         # run the VAE's convolutions in NHWC memory layout
 
@@ -244,7 +262,7 @@ class LatentCodec(nn.Module):
         config = config or LatentCodecConfig()
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
-        self.config = config
+        self.config = config if config.scale_factor is not None else replace(config, scale_factor=SCALE_FACTOR)
         self.vae = vae.eval().requires_grad_(False)
         if config.channels_last:
             self.vae.to(memory_format=torch.channels_last)
@@ -272,5 +290,12 @@ class LatentCodec(nn.Module):
 
 
 def load_latent_codec(path=DEFAULT_VAE_PATH, device="cpu", config=None, vae_config=None):
-    """Return a LatentCodec around the VAE in path (see load_vae), on device."""
-    return LatentCodec(load_vae(path, vae_config, device), config)
+    """Return a LatentCodec around the VAE in path (see read_vae), on device.
+
+    Its scale factor is config's, else the one stored in the file, else SD's.
+    """
+    vae, stored_scale = read_vae(path, vae_config)
+    config = config or LatentCodecConfig()
+    if config.scale_factor is None:
+        config = replace(config, scale_factor=stored_scale or SCALE_FACTOR)
+    return LatentCodec(vae.to(device), config)

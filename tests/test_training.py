@@ -14,8 +14,9 @@ from sparsefusion.data.synthetic import generate_dataset
 from sparsefusion.distributed import Rank, launch
 from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
-from sparsefusion.training import (Trainer, check_inputs, colors_at_rays, draw_query_and_context_size,
-                                   load_config, run_training, training_batch, valid_loss_mask)
+from sparsefusion.joint_objective import colors_at_rays, draw_query_and_context_size, training_batch, valid_loss_mask
+from sparsefusion.trainer import Trainer, check_inputs, run_training
+from sparsefusion.training import load_config
 from sparsefusion.vae import save_vae
 from sparsefusion.vldm import VLDM
 
@@ -148,7 +149,7 @@ def test_loss_mask_shrinks_the_valid_region_and_thresholds_it():
 def test_training_batch_puts_the_query_at_the_origin(small_config):
     config = small_config()
     trainer = Trainer(config, single_rank())
-    batch = training_batch(trainer.dataset[(0, 0)], trainer.codec, config, CPU)
+    batch = training_batch(trainer.dataset[(0, 0)], trainer.objective.codec, config, CPU)
     torch.testing.assert_close(batch.query_cameras.R, torch.eye(3)[None], atol=1e-6, rtol=0)
     torch.testing.assert_close(batch.query_cameras.T, torch.zeros(1, 3), atol=1e-6, rtol=0)
     assert 2 <= batch.context_images.shape[0] <= 5
@@ -168,9 +169,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(small_config):
 
     def fixed_batch_losses():
         torch.manual_seed(123)  # the same query, context, noise, times and dropout before and after
-        batch = training_batch(scene, trainer.codec, config, CPU)
+        batch = training_batch(scene, trainer.objective.codec, config, CPU)
         with torch.no_grad():
-            losses = trainer.model(batch, config.diffusion_batch_size)
+            losses = trainer.model(batch)
         return {name: float(losses[name]) for name in ("total", "diffusion", "color")}
 
     before = fixed_batch_losses()
@@ -219,7 +220,7 @@ def test_resumed_run_matches_an_uninterrupted_one(small_config, tmp_path):
     resumed = Trainer(small_config(*common, "iterations=8", exp_dir=tmp_path / "split"), single_rank())
     at_stop = load_file(tmp_path / "straight" / "ckpt_000003.pt", "checkpoint")
     assert resumed.step == 3
-    assert_same(resumed.optimizers[0].state_dict(), at_stop["optimizer_state_dict"])
+    assert_same(resumed.objective.optimizers[0].state_dict(), at_stop["optimizer_state_dict"])
     resumed.train()
 
     for name in ("ckpt_latest.pt", "ckpt_latest_eft.pt"):
@@ -266,7 +267,7 @@ def test_two_gloo_processes_keep_identical_parameters(small_config, tmp_path):
     assert first["losses"]["total"] != second["losses"]["total"]  # each rank trained on its own draws...
     assert_same(first["parameters"], second["parameters"])        # ...with gradients averaged across ranks
     fresh = Trainer(small_config("iterations=2", exp_dir=tmp_path / "fresh"), single_rank())
-    assert not torch.equal(fresh.vldm.unet.final_conv.weight, first["parameters"]["vldm.unets.0.final_conv.weight"])
+    assert not torch.equal(fresh.objective.vldm.unet.final_conv.weight, first["parameters"]["vldm.unets.0.final_conv.weight"])
     checkpoint = load_file(Path(config.exp_dir) / "ckpt_latest.pt", "checkpoint")
     assert checkpoint["step"] == 2 and len(checkpoint["rng_state"]) == 2
     assert not torch.equal(checkpoint["rng_state"][0]["torch"], checkpoint["rng_state"][1]["torch"])
@@ -282,9 +283,9 @@ def test_cuda_bf16_steps_match_fp32_and_resume(small_config, tmp_path):
     def fixed_batch_loss(precision):
         torch.manual_seed(7)
         torch.cuda.manual_seed(7)
-        batch = training_batch(scene, trainer.codec, trainer.config, cuda)
+        batch = training_batch(scene, trainer.objective.codec, trainer.config, cuda)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return float(trainer.model(batch, trainer.config.diffusion_batch_size)["total"])
+            return float(trainer.model(batch)["total"])
 
     fp32, bf16 = fixed_batch_loss("fp32"), fixed_batch_loss("bf16")
     assert abs(bf16 - fp32) < 0.05 * fp32

@@ -1,0 +1,357 @@
+"""The training loop of train.py: ranks, data order, steps, logs, pictures and resumable checkpoints.
+
+The loop is the same for every stage; what a step computes comes from the stage's objective
+(sparsefusion/joint_objective.py: EFT + VLDM as upstream; sparsefusion/vae_objective.py: the VAE).
+One step takes one scene (views_per_scene random frames of a sequence, the same frames whichever
+process loads it and whether or not the run resumed), asks the objective for a batch and its losses,
+backpropagates once, and steps every optimizer and then its scheduler.
+
+Files under exp_dir: the stage's checkpoints ckpt_latest*.pt every save_itr steps and at the last
+step, ckpt_{step:06d}*.pt every archive_itr steps; the first file of a checkpoint also holds the
+'train_config' and every rank's 'rng_state', so a rerun resumes weights, optimizers, schedulers,
+step, data position and random state. config.yaml, log/train_{step:06d}.jpg (the objective's picture),
+log/_loss.png (every loss term) and tensorboard/ (scalars and the same pictures).
+
+    config = load_config("configs/train_small.yaml", ["category=hydrant", "dataset=synthetic"])
+    run_training(config)                       # -g N processes, or the torchrun ones
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from sparsefusion.checkpoint import config_to_dict, load_file, save_atomic
+from sparsefusion.data import CO3DDataset, load_dataset
+from sparsefusion.distributed import check_gpu_count, launch, under_torchrun
+from sparsefusion.errors import UserError
+from sparsefusion.joint_objective import JointObjective
+from sparsefusion.outputs import plot_losses, write_image, write_text
+from sparsefusion.training import RANDOM_VAE, check_config, config_yaml, precision_context, set_matmul_precision
+from sparsefusion.vae import WHERE_TO_GET as VAE_WHERE_TO_GET
+from sparsefusion.vae_objective import VAEObjective
+
+OBJECTIVES = {"joint": JointObjective, "vae": VAEObjective}
+
+
+def train_step(model, objective, batch, precision, device):
+    """Run one optimisation step and return the detached losses {name: scalar} of objective.loss_names.
+
+    model: the objective's model, or its DDP wrapper. As upstream: zero every gradient, one backward
+    of the total, then each optimizer step followed by its scheduler step (in the objective's order).
+    """
+    for optimizer in objective.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    with precision_context(device, precision):
+        losses = model(batch)
+    losses["total"].backward()
+    for optimizer, scheduler in zip(objective.optimizers, objective.schedulers):
+        optimizer.step()
+        scheduler.step()
+    return {name: losses[name].detach() for name in objective.loss_names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, checkpoints, random state
+
+
+def check_inputs(config):
+    """Raise UserError if the VAE or an init checkpoint the config names is missing (before spawning ranks)."""
+    if config.stage == "joint" and config.vae != RANDOM_VAE and not Path(config.vae).is_file():
+        raise UserError(f"VAE checkpoint not found at {config.vae}; get SD's from {VAE_WHERE_TO_GET} "
+                        f"(or pass -a/--vae PATH, e.g. a stage=vae run's ckpt_latest_vae.pt)")
+    for name in ("init_eft", "init_vldm"):
+        path = getattr(config, name)
+        if path and not Path(path).is_file():
+            raise UserError(f"{name} checkpoint not found at {path}")
+
+
+def open_dataset(config):
+    """Return the training scenes the config names (UserError if they are missing)."""
+    options = {} if config.dataset == "co3d_toy" else {"image_size": config.image_size}
+    return load_dataset(config.dataset, config.root, config.category, subset=config.subset, split=config.split,
+                        sample_batch_size=config.views_per_scene, **options)
+
+
+class SeededScenes(torch.utils.data.Dataset):
+    """dataset[(epoch, index)]: scene index, its random frames seeded by (seed, epoch, index).
+
+    The frame choice is then the same whichever worker loads it and whether or not the run resumed.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if isinstance(self.dataset, CO3DDataset):
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
+            return self.dataset.scene(index, generator)
+        return self.dataset[index]
+
+
+def save_together(objects):
+    """Write {path: object} so that each file appears only when all are written (pending files, then renames)."""
+    pending = {path: save_atomic(obj, path.with_name(f".{path.name}.pending")) for path, obj in objects.items()}
+    for path, temporary in pending.items():
+        os.replace(temporary, path)
+
+
+def rng_state(device):
+    """Return this process's random state: {'torch': CPU state, 'cuda': the device's state or None}."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def tensorboard_writer(folder):
+    """Return a TensorBoard SummaryWriter writing to folder; UserError if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UserError("TensorBoard logging needs the tensorboard package: pip install tensorboard, "
+                        "or set tensorboard=false") from err
+    return SummaryWriter(str(folder))
+
+
+def seed_rank(seed, rank):
+    """Seed the global CPU and CUDA generators of a rank: every rank draws its own steps."""
+    torch.manual_seed(seed + rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """One rank's training of a stage: objective, data, checkpoints and (on rank 0) logs; train() runs it."""
+
+    def __init__(self, config, rank):
+        check_config(config)
+        self.config = config
+        self.rank = rank
+        self.device = rank.device
+        self.exp_dir = Path(config.exp_dir)
+        set_matmul_precision(config.precision)
+        torch.backends.cudnn.benchmark = True  # fixed shapes but for the 2–5 context views: autotune once each
+
+        self.dataset = SeededScenes(open_dataset(config), config.seed)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.objective = OBJECTIVES[config.stage](config, self.device)
+        if hasattr(self.objective, "set_reference_scenes"):
+            self.objective.set_reference_scenes(self.dataset)
+
+        self.step = 0
+        seed_rank(config.seed, rank.rank)
+        if self.resumable():
+            self.resume()
+        else:
+            self.objective.load_initial_weights()
+        self.model = self.objective.model
+        self.ddp = self.model
+        if rank.world_size > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=self.objective.find_unused_parameters)
+
+        self.loss_history = {name: [] for name in self.objective.loss_names}
+        self.logged_steps = []
+        self.last_losses = None
+        self.writer = None
+        if rank.is_main:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+            write_text(config_yaml(config), self.exp_dir / "config.yaml")
+            if config.tensorboard:
+                self.writer = tensorboard_writer(self.exp_dir / "tensorboard")
+
+    # -- data order ---------------------------------------------------------------------------
+
+    def epoch_keys(self, epoch):
+        """Return this rank's (epoch, scene index) keys of an epoch: a DistributedSampler's order, as upstream."""
+        sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.rank.world_size,
+                                                      rank=self.rank.rank, shuffle=True, seed=self.config.seed)
+        sampler.set_epoch(epoch if self.config.reshuffle else 0)
+        return [(epoch, index) for index in sampler]
+
+    def steps_per_epoch(self):
+        return len(self.epoch_keys(0)) * self.config.repeat
+
+    def last_step(self):
+        """Return the step training stops at: iterations, or max_epochs passes over the scenes."""
+        return self.config.iterations or self.config.max_epochs * self.steps_per_epoch()
+
+    def scenes(self, start_step):
+        """Yield (epoch, scene) of every step from start_step on, each scene `repeat` times in a row."""
+        repeat = self.config.repeat
+        epoch, position = divmod(start_step, self.steps_per_epoch())
+        first, skip = divmod(position, repeat)
+        while True:
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_size=None, sampler=self.epoch_keys(epoch)[first:],
+                num_workers=self.config.num_workers,
+                generator=torch.Generator().manual_seed(self.config.seed))  # leaves the global RNG alone
+            for scene in loader:
+                for _ in range(skip, repeat):
+                    yield epoch, scene
+                skip = 0
+            epoch, first = epoch + 1, 0
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train(self):
+        """Train from the current step to the last step; return the last step."""
+        config, last, names = self.config, self.last_step(), self.objective.loss_names
+        bar = tqdm(total=last, initial=self.step, disable=not self.rank.is_main, dynamic_ncols=True)
+        sums, count = torch.zeros(len(names), device=self.device), 0
+        stream = self.scenes(self.step)
+        try:
+            while self.step < last:
+                epoch, scene = next(stream)
+                batch = self.objective.batch(scene)
+                losses = train_step(self.ddp, self.objective, batch, config.precision, self.device)
+                self.last_losses = losses
+                self.step += 1
+                bar.update(1)
+                sums += torch.stack([losses[name].float() for name in names])
+                count += 1
+                if self.step % config.log_itr == 0 or self.step == last:
+                    self.log(sums / count, epoch, bar)
+                    sums, count = torch.zeros_like(sums), 0
+                if config.vis_itr and self.step % config.vis_itr == 0 and self.rank.is_main:
+                    self.visualize(scene)
+                if self.step % config.save_itr == 0 or self.step == last:
+                    self.save("latest")
+                if config.archive_itr and self.step % config.archive_itr == 0:
+                    self.save(f"{self.step:06d}")
+        finally:
+            stream.close()
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        if self.rank.is_main:
+            print(f"step {self.step}: checkpoints in {self.exp_dir}")
+        return self.step
+
+    def log(self, means, epoch, bar):
+        """Average the interval's mean losses over ranks; rank 0 shows and records them."""
+        if self.rank.world_size > 1:
+            dist.all_reduce(means)
+            means /= self.rank.world_size
+        if not self.rank.is_main:
+            return
+        values = dict(zip(self.objective.loss_names, means.tolist()))
+        lr = self.objective.schedulers[0].get_last_lr()[0]
+        bar.set_description(f"epoch={epoch} lr={lr:1.2e} loss={values['total']:.4f}")
+        self.logged_steps.append(self.step)
+        for name, value in values.items():
+            self.loss_history[name].append(value)
+            if self.writer is not None:
+                self.writer.add_scalar(f"loss/{name}", value, self.step)
+        if self.writer is not None:
+            self.writer.add_scalar("lr", lr, self.step)
+
+    @torch.no_grad()
+    def visualize(self, scene):
+        """Write log/train_{step:06d}.jpg (the objective's picture of the scene) and log/_loss.png.
+
+        The picture's draws run on a forked random state, so visualising changes no training draw.
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            image = self.objective.visualize(scene)
+        write_image(image, self.exp_dir / "log" / f"train_{self.step:06d}.jpg")
+        if self.logged_steps:
+            plot_losses(self.loss_history, self.exp_dir / "log" / "_loss.png", x=self.logged_steps, xlabel="step",
+                        log_scale=True, title=f"{self.config.stage} stage: mean loss per {self.config.log_itr} steps")
+        if self.writer is not None:
+            self.writer.add_image("visualisation", image, self.step, dataformats="HWC")
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_files(self, name):
+        return self.objective.checkpoint_files(self.exp_dir, name)
+
+    def resumable(self):
+        """Return whether exp_dir holds the stage's latest checkpoint; UserError if only part of it is there."""
+        files = self.checkpoint_files("latest")
+        present = [path for path in files.values() if path.is_file()]
+        if present and len(present) < len(files):
+            missing = [str(path) for path in files.values() if not path.is_file()]
+            raise UserError(f"{self.exp_dir} holds {[str(p) for p in present]} but not {missing}: a checkpoint is "
+                            f"its files together; restore the missing file or move the others away to start afresh")
+        return bool(present)
+
+    def gathered_rng_states(self):
+        """Return every rank's random state, in rank order (collective: all ranks call it)."""
+        state = rng_state(self.device)
+        if self.rank.world_size == 1:
+            return [state]
+        states = [None] * self.rank.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def save(self, name):
+        """Write the checkpoint files of a name on rank 0 (collective: all ranks call it)."""
+        states = self.gathered_rng_states()
+        if not self.rank.is_main:
+            return
+        contents = self.objective.checkpoints(self.step)
+        first = next(iter(contents))
+        contents[first].update(train_config=config_to_dict(self.config), rng_state=states)
+        files = self.checkpoint_files(name)
+        save_together({files[role]: content for role, content in contents.items()})
+
+    def resume(self):
+        """Load weights, optimizers, schedulers, step and random state from exp_dir's latest checkpoint."""
+        files = self.checkpoint_files("latest")
+        contents = {role: load_file(path, f"{role.upper()} checkpoint to resume from",
+                                    where_to_get="a checkpoint written by train.py") for role, path in files.items()}
+        for role, ckpt in contents.items():
+            missing = [k for k in ("step", "optimizer_state_dict", "scheduler_state_dict") if k not in ckpt]
+            if missing:
+                raise UserError(f"{files[role]} lacks {missing}, so training cannot resume from it; move it out of "
+                                f"{self.exp_dir} to start afresh (use init_eft / init_vldm to start from weights)")
+        steps = {role: int(ckpt["step"]) for role, ckpt in contents.items()}
+        if len(set(steps.values())) > 1:
+            raise UserError(f"the checkpoint files in {self.exp_dir} are at different steps {steps}; "
+                            f"copy a matching set of ckpt_{{step}}*.pt files over them")
+        self.objective.load(contents, files)
+        first = next(iter(contents.values()))
+        self.step = int(first["step"])
+        states = first.get("rng_state") or []
+        if len(states) == self.rank.world_size:
+            set_rng_state(states[self.rank.rank], self.device)
+        else:
+            warnings.warn(f"{next(iter(files.values()))} holds the random state of {len(states)} ranks, not "
+                          f"{self.rank.world_size}; reseeding from seed + rank + step", stacklevel=2)
+            seed_rank(self.config.seed + self.step, self.rank.rank)
+        if self.rank.is_main:
+            print(f"resuming from {self.exp_dir} at step {self.step}")
+
+
+def train_worker(rank, config):
+    """Train on one rank (the function launch() runs in every process)."""
+    Trainer(config, rank).train()
+
+
+def run_training(config):
+    """Check inputs, then train in config.gpus local processes (or in the torchrun processes)."""
+    check_inputs(config)
+    if not under_torchrun():
+        check_gpu_count(config.gpus)
+        if config.gpus > 1:
+            open_dataset(config)  # a missing dataset stops here with its message, not in every spawned rank
+    backend = None if config.backend == "auto" else config.backend
+    launch(train_worker, config.gpus, config.port, backend=backend, args=(config,))

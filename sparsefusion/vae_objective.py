@@ -1,0 +1,120 @@
+"""The VAE stage: train an AutoencoderKL on the dataset's images (the mini models' first stage).
+
+Upstream freezes Stable Diffusion's VAE. Models at other sizes train their own first, as latent
+diffusion does (Rombach et al., CVPR 2022, Sec. 3.1 and App. G): a KL-regularised autoencoder whose
+loss is the L1 reconstruction error summed over pixels plus kl_weight times the KL divergence of
+q(z|x) from N(0, I) summed over latents, both averaged over the batch (LDM's LPIPSWithDiscriminator
+without its perceptual, learned-variance and adversarial terms). Each step trains on the
+views_per_scene images of one scene, the masked images (black background) that training and
+distillation later encode.
+
+The checkpoint ckpt_{name}_vae.pt is a VAE file that load_vae reads as it is ('state_dict' in ldm
+names and 'config'), plus 'scale_factor': 1 / the standard deviation of the latents of the first
+scenes' images, as LDM's scale_by_std, so that the diffusion model sees latents of unit variance
+(SD's 0.18215 plays that role for SD's VAE).
+"""
+
+import torch
+from torch import nn
+
+from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.checkpoint import config_to_dict, load_state_dict_strict
+from sparsefusion.outputs import image_grid
+
+SCALE_SCENES = 8  # scenes whose latents set the scale factor
+
+
+def kl_to_standard_normal(posterior):
+    """Return KL(q(z|x) ‖ N(0, I)) per image (B,), summed over latents: ½ Σ (μ² + σ² − 1 − log σ²)."""
+    terms = posterior.mean ** 2 + posterior.std ** 2 - 1.0 - posterior.logvar
+    return 0.5 * terms.flatten(1).sum(dim=1)
+
+
+class VAEModel(nn.Module):
+    """An AutoencoderKL with LDM's loss: forward(images) returns {'total', 'reconstruction', 'kl'}."""
+
+    def __init__(self, vae, kl_weight):
+        super().__init__()
+        self.vae = vae
+        self.kl_weight = kl_weight
+
+    def forward(self, images):
+        """Return the losses of images (B, 3, H, W) in [0, 1], reconstructed from a posterior sample.
+
+        'total' is LDM's loss divided by the pixel count, so its scale reads like a mean L1 error;
+        'reconstruction' is the mean L1 error in [−1, 1] units, 'kl' the mean KL per latent element.
+        """
+        x = images * 2.0 - 1.0
+        posterior = self.vae.encode(x)
+        latents = posterior.sample()
+        reconstruction = self.vae.decode(latents).float()
+        l1 = (reconstruction - x).abs().flatten(1).sum(dim=1)  # (B,)
+        kl = kl_to_standard_normal(posterior).float()           # (B,)
+        pixels = x[0].numel()
+        return {"total": (l1 + self.kl_weight * kl).mean() / pixels, "reconstruction": l1.mean() / pixels,
+                "kl": kl.mean() / latents[0].numel(), "reconstructions": reconstruction.detach()}
+
+
+@torch.no_grad()
+def latent_scale_factor(vae, images, batch=32):
+    """Return 1 / std of the posterior modes of images (N, 3, H, W) in [0, 1]: LDM's scale_by_std."""
+    modes = torch.cat([vae.encode(part * 2.0 - 1.0).mode().float() for part in images.split(batch)])
+    return float(1.0 / modes.flatten().std())
+
+
+class VAEObjective:
+    """What the Trainer needs of the VAE stage: the model, its optimizer, batches, checkpoints, pictures."""
+
+    loss_names = ("total", "reconstruction", "kl")
+    find_unused_parameters = False
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+        self.vae = AutoencoderKL(config.autoencoder)
+        self.model = VAEModel(self.vae, config.kl_weight).to(device).train()
+        optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        self.optimizers = [optimizer]
+        self.schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)]
+        self.scale_images = None
+
+    def set_reference_scenes(self, dataset):
+        """Keep the images of the first SCALE_SCENES scenes of a SeededScenes (epoch 0) for the latent scale factor."""
+        scenes = [dataset[(0, index)] for index in range(min(len(dataset), SCALE_SCENES))]
+        self.scale_images = torch.cat([scene.images for scene in scenes]).to(self.device)
+
+    def batch(self, scene):
+        return scene.images.to(self.device)
+
+    @staticmethod
+    def checkpoint_files(exp_dir, name):
+        """Return {'vae': path} of a checkpoint name ('latest' or a zero-padded step)."""
+        return {"vae": exp_dir / f"ckpt_{name}_vae.pt"}
+
+    def checkpoints(self, step):
+        """Return {'vae': a VAE file load_vae reads, with the scale factor, optimizer and scheduler}."""
+        self.vae.eval()
+        scale = latent_scale_factor(self.vae, self.scale_images)
+        self.vae.train()
+        return {"vae": {"step": step, "state_dict": self.vae.state_dict(), "config": config_to_dict(self.vae.config),
+                        "scale_factor": scale, "optimizer_state_dict": self.optimizers[0].state_dict(),
+                        "scheduler_state_dict": self.schedulers[0].state_dict()}}
+
+    def load(self, checkpoints, paths):
+        """Load weights, optimizer and scheduler state from {'vae': checkpoint dict} (strict keys)."""
+        ckpt = checkpoints["vae"]
+        load_state_dict_strict(self.vae, ckpt["state_dict"], f"VAE checkpoint {paths['vae']}")
+        self.optimizers[0].load_state_dict(ckpt["optimizer_state_dict"])
+        self.schedulers[0].load_state_dict(ckpt["scheduler_state_dict"])
+
+    def load_initial_weights(self):
+        """Keep the fresh initialisation: the VAE stage starts from nothing (config.vae is not read)."""
+
+    @torch.no_grad()
+    def visualize(self, scene):
+        """Return an (h, w, 3) image: four of the scene's images above their reconstructions (posterior mode)."""
+        images = scene.images[:4].to(self.device)
+        self.vae.eval()
+        reconstructions = ((self.vae.decode(self.vae.encode(images * 2 - 1).mode()) + 1) / 2).clamp(0, 1)
+        self.vae.train()
+        panels = torch.cat([images, reconstructions]).permute(0, 2, 3, 1).float().cpu().numpy()
+        return image_grid(list(panels), per_row=len(images))
