@@ -19,7 +19,6 @@ The hot loop keeps fixed shapes and makes no host synchronisation except every l
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +35,13 @@ from sparsefusion.rays import grid_rays, grid_xy
 from sparsefusion.relative_cameras import relative_cameras
 
 
+METHODS = ("sparsefusion", "inputs_only")
+
+
 @dataclass
 class DistillConfig:
+    method: str = "sparsefusion"       # 'sparsefusion'; 'inputs_only': context steps only, a NeRF fit to the input
+                                       # views alone (the method's ablation: no EFT, no diffusion)
     iterations: int = 3000             # optimisation steps per scene
     lr: float = 5e-4                   # Adam learning rate of the MLP (the grid gets 10×)
     lr_step: int = 3000                # StepLR step size, counted in context steps
@@ -60,17 +64,6 @@ class DistillConfig:
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     nerf_render: NeRFRenderConfig = field(default_factory=NeRFRenderConfig)
     features: FeatureRenderConfig = field(default_factory=FeatureRenderConfig)
-
-
-@dataclass
-class Models:
-    """The frozen models a distillation uses."""
-
-    eft: torch.nn.Module             # EpipolarFeatureTransformer
-    codec: torch.nn.Module           # LatentCodec: images in [0, 1] <-> scaled latents
-    vldm: torch.nn.Module            # VLDM, for denoise()
-    unet: Optional[Callable] = None  # a fast callable of the VLDM's UNet (fast_model()); None = eager
-    lpips: Optional[torch.nn.Module] = None  # LPIPS(vgg) for the perceptual term; None = term off
 
 
 @dataclass
@@ -117,7 +110,7 @@ class Distillation:
     def __init__(self, models, cameras, images, masks, input_index, config=None, generator=None,
                  device_generator=None):
         """Args:
-            models: Models.
+            models: sparsefusion.models.Models.
             cameras: the scene's absolute cameras (N).
             images: (N, 3, S, S) in [0, 1], S = config.image_size; masks: (N, 1, S, S) in [0, 1].
             input_index: the context views, a list of ints.
@@ -125,6 +118,8 @@ class Distillation:
                 on the device (PLMS, ray jitter).
         """
         self.config = config or DistillConfig()
+        if self.config.method not in METHODS:
+            raise ValueError(f"DistillConfig.method must be one of {METHODS}, got {self.config.method!r}")
         self.models, self.images, self.masks = models, images, masks
         self.input_index = torch.as_tensor(input_index, dtype=torch.long)
         self.generator, self.device_generator = generator, device_generator
@@ -211,19 +206,24 @@ class Distillation:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
     def step(self, iteration):
-        """Run one iteration (context step, then fusion step); return its loss terms as tensors."""
+        """Run one iteration (context step, then fusion step); return its loss terms as tensors.
+
+        Method 'inputs_only' runs the context step alone (no 'fusion' term).
+        """
         context = self.context_loss()
         self.optimizer.zero_grad(set_to_none=True)
         context["total"].backward()
         self.optimizer.step()
         self.scheduler.step()
+        losses = {"volumetric": context["total"].detach(), "opacity": context["opacity"].detach()}
+        if self.config.method == "inputs_only":
+            return losses
 
         fusion = self.fusion_loss(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         fusion["total"].backward()
         self.optimizer.step()
-        return {"volumetric": context["total"].detach(), "opacity": context["opacity"].detach(),
-                "fusion": fusion["fusion"].detach()}
+        return {**losses, "fusion": fusion["fusion"].detach()}
 
     @torch.no_grad()
     def render(self, cameras, size=None):
@@ -254,7 +254,8 @@ class History:
     def append(self, iteration, losses):
         self.iterations.append(iteration)
         for name in ("volumetric", "opacity", "fusion"):
-            getattr(self, name).append(float(losses[name]))
+            if name in losses:
+                getattr(self, name).append(float(losses[name]))
 
 
 def run_distillation(distillation, progress=None, on_log=None):
@@ -273,7 +274,8 @@ def run_distillation(distillation, progress=None, on_log=None):
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
             history.append(iteration, losses)
             if progress is not None:
-                progress.set_postfix(vol=f"{history.volumetric[-1]:.4f}", fusion=f"{history.fusion[-1]:.4f}")
+                progress.set_postfix({"vol": f"{history.volumetric[-1]:.4f}",
+                                      **({"fusion": f"{history.fusion[-1]:.4f}"} if history.fusion else {})})
             if on_log is not None:
                 on_log(iteration, distillation)
         if progress is not None:

@@ -60,6 +60,16 @@ def scene_metrics(preds, gts, lpips_model=None):
     if preds.shape != gts.shape or preds.ndim != 4 or len(preds) == 0:
         raise ValueError(f"preds and gts must both be (N>0, 3, H, W), got {tuple(preds.shape)} and {tuple(gts.shape)}")
     frames = [image_metrics(pred, gt, lpips_model) for pred, gt in zip(hwc_frames(preds), hwc_frames(gts))]
-    means = {key: float(np.mean([frame[key] for frame in frames])) for key in ("psnr", "ssim")}
-    means["lpips"] = None if lpips_model is None else float(np.mean([frame["lpips"] for frame in frames]))
-    return {**means, "frames": frames}
+    return {**frame_means(frames), "frames": frames}
+
+
+def frame_means(frames, exclude=()):
+    """Return {"psnr", "ssim", "lpips"}: means over per-frame metric dicts, skipping the indices in exclude.
+
+    "lpips" is None when the frames have none. Papers score novel views only: exclude the input views.
+    """
+    kept = [frame for index, frame in enumerate(frames) if index not in set(exclude)]
+    means = {key: float(np.mean([frame[key] for frame in kept])) for key in ("psnr", "ssim")}
+    has_lpips = all(frame["lpips"] is not None for frame in kept)
+    means["lpips"] = float(np.mean([frame["lpips"] for frame in kept])) if has_lpips else None
+    return means

@@ -1,10 +1,15 @@
-"""The three released models of a category, loaded for inference: EFT, VLDM and Stable Diffusion's VAE."""
+"""The three models a reconstruction uses, loaded for inference: EFT, VLDM and VAE.
 
+By default upstream's released weights of a category and Stable Diffusion's VAE; the mini models that
+ship in checkpoints/mini/ (docs/mini.md) load the same way, their architecture stored in the files.
+"""
+
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-from sparsefusion.distill import Models
 from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
@@ -23,20 +28,51 @@ WHERE_TO_GET = {
     "vae": "huggingface.co/CompVis/stable-diffusion-v-1-3-original: sd-v1-3.ckpt renamed to checkpoints/sd/sd-v1-3-vae.ckpt",
 }
 FLAGS = {"eft": "-e/--eft", "vldm": "-l/--vldm", "vae": "-a/--vae"}
+MINI_FOLDER = Path("checkpoints/mini")
+MINI_FIX = "the mini models ship with the repository: restore them with `git checkout -- checkpoints/mini`"
+QUICK_START = "no weights at hand? `python demo.py --mini` reconstructs with the mini models that ship with the repository"
 
 
-def checkpoint_paths(category, args):
-    """Return {'eft', 'vldm', 'vae'} -> Path, from the flags or the default locations."""
-    given = {"eft": args.eft, "vldm": args.vldm, "vae": args.vae}
+@dataclass
+class Models:
+    """The frozen models a distillation uses."""
+
+    eft: torch.nn.Module             # EpipolarFeatureTransformer
+    codec: torch.nn.Module           # LatentCodec: images in [0, 1] <-> scaled latents
+    vldm: torch.nn.Module            # VLDM, for denoise()
+    unet: Optional[Callable] = None  # a fast callable of the VLDM's UNet (fast_model()); None = eager
+    lpips: Optional[torch.nn.Module] = None  # LPIPS(vgg) for the perceptual term; None = term off
+
+    @property
+    def latent_stride(self):
+        """Pixels per latent: the VAE's downsampling factor (8 for SD's, 4 for the mini one)."""
+        return self.codec.vae.downsampling_factor
+
+    @property
+    def image_size(self):
+        """The image side the models work at: the VLDM's latent size times the VAE's stride."""
+        return self.vldm.config.image_size * self.latent_stride
+
+
+def checkpoint_paths(category, config):
+    """Return {'eft', 'vldm', 'vae'} -> Path, from a DemoConfig's fields or the default locations."""
+    given = {"eft": config.eft, "vldm": config.vldm, "vae": config.vae}
     return {name: Path(given[name] or DEFAULT_CHECKPOINTS[name].format(category=category)) for name in given}
 
 
-def check_checkpoints(category, args):
-    """Raise UserError naming the first checkpoint that is missing and where to get it."""
-    for name, path in checkpoint_paths(category, args).items():
-        if not path.is_file():
-            raise UserError(f"{name.upper()} checkpoint not found at {path}; get it from "
-                            f"{WHERE_TO_GET[name].format(category=category)} (or pass {FLAGS[name]})")
+def is_mini(path):
+    return Path(path).resolve().parent == MINI_FOLDER.resolve()
+
+
+def check_checkpoints(category, config):
+    """Raise UserError naming the first checkpoint that is missing and how to get it."""
+    for name, path in checkpoint_paths(category, config).items():
+        if path.is_file():
+            continue
+        if is_mini(path):
+            raise UserError(f"{name.upper()} checkpoint not found at {path}; {MINI_FIX}")
+        raise UserError(f"{name.upper()} checkpoint not found at {path}; get it from "
+                        f"{WHERE_TO_GET[name].format(category=category)} (or pass {FLAGS[name]}); {QUICK_START}")
 
 
 UNET_PATHS = {  # --unet: how the distillation evaluates the UNet on CUDA (benchmarks/bench_vldm.py, docs/vldm.md)
@@ -54,13 +90,36 @@ def unet_callable(vldm, mode, device):
     return fast_unet(vldm.unet, config)
 
 
-def load_models(category, args, device):
-    """Return the Models of a category on device, from the checkpoint flags or default paths."""
-    check_checkpoints(category, args)
-    paths = checkpoint_paths(category, args)
-    eft = load_eft(paths["eft"]).to(device)
-    vldm = VLDM.from_checkpoint(paths["vldm"]).to(device).eval().requires_grad_(False)
-    codec = load_latent_codec(paths["vae"], device=device)  # fp32: bf16 is no faster at batch 1 (docs/vae.md)
-    return Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
-                  unet=unet_callable(vldm, args.unet, torch.device(device)),
-                  lpips=build_lpips("vgg", backbone=args.vgg_weights, device=device))
+def _load(loader, path):
+    """Return loader(path); a file that cannot be loaded names its fix (mini files: restore from git)."""
+    try:
+        return loader(path)
+    except UserError as err:
+        fix = MINI_FIX if is_mini(path) else "replace it with the released file"
+        raise UserError(f"{err}; {fix}") from err
+
+
+def check_compatible(models, paths):
+    """Raise UserError if the three models were not trained together (feature widths, latent channels)."""
+    unet = models.vldm.config.unet
+    if models.eft.config.hidden_dim != unet.cond_images_channels:
+        raise UserError(f"the EFT at {paths['eft']} makes {models.eft.config.hidden_dim}-channel features but the "
+                        f"VLDM at {paths['vldm']} takes {unet.cond_images_channels}: use checkpoints trained together")
+    if models.codec.vae.config.embed_dim != unet.channels:
+        raise UserError(f"the VAE at {paths['vae']} makes {models.codec.vae.config.embed_dim}-channel latents but the "
+                        f"VLDM at {paths['vldm']} denoises {unet.channels}: use checkpoints trained together")
+
+
+def load_models(category, config, device):
+    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
+    check_checkpoints(category, config)
+    paths = checkpoint_paths(category, config)
+    eft = _load(load_eft, paths["eft"]).to(device)
+    vldm = _load(VLDM.from_checkpoint, paths["vldm"]).to(device).eval().requires_grad_(False)
+    # fp32: bf16 is no faster at batch 1 (docs/vae.md)
+    codec = _load(lambda path: load_latent_codec(path, device=device), paths["vae"])
+    models = Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
+                    unet=unet_callable(vldm, config.unet, torch.device(device)),
+                    lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))
+    check_compatible(models, paths)
+    return models

@@ -23,7 +23,8 @@ from sparsefusion.checkpoint import save_atomic
 from sparsefusion.distill import Distillation, run_distillation
 from sparsefusion.errors import UserError
 from sparsefusion.mesh import export_mesh
-from sparsefusion.metrics import scene_metrics
+from sparsefusion.baselines import baseline_metrics
+from sparsefusion.metrics import frame_means, scene_metrics
 from sparsefusion.outputs import image_grid, plot_losses, side_by_side, write_gif, write_image, write_json, write_text
 
 
@@ -82,8 +83,12 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
 
 
 def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, device, seed=0,
-                      mesh_threshold=10.0, mesh_resolution=256, progress_factory=None):
+                      mesh_threshold=10.0, mesh_resolution=256, progress_factory=None, baselines=False):
     """Distill one scene and write its outputs; return its JSON record (metrics, inputs, timings).
+
+    The record's psnr/ssim/lpips are upstream's means over every camera; 'novel_views' holds the means
+    over the cameras that are not input views, and with baselines=True 'baselines' holds the metrics
+    of the EFT images, VLDM samples and nearest input views (sparsefusion/baselines.py) likewise.
 
     Args:
         scene: a data.Scene (images (N, 3, S, S), masks, cameras).
@@ -112,9 +117,15 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     start = time.perf_counter()
     renders = distillation.render(distillation.cameras.scene)
     metrics = scene_metrics(renders[0].cpu(), scene.images.cpu(), models.lpips)
-    timings["evaluation_s"] = time.perf_counter() - start
     extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
-             "input_views": inputs, "n_views": len(scene.images), "timings": timings}
+             "method": config.method, "input_views": inputs, "n_views": len(scene.images),
+             "novel_views": frame_means(metrics["frames"], exclude=inputs)}
+    if baselines:
+        scored = baseline_metrics(distillation, scene.images, models.lpips, device_generator)
+        extra["baselines"] = {name: {**result, "novel_views": frame_means(result["frames"], exclude=inputs)}
+                              for name, result in scored.items()}
+    timings["evaluation_s"] = time.perf_counter() - start
+    extra["timings"] = timings
     record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)
     try:
         export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", bound=config.nerf.bound,
@@ -128,6 +139,9 @@ def summary_line(record):
     """Return one line summarising a scene's record."""
     lpips = "n/a" if record["lpips"] is None else f"{record['lpips']:.3f}"
     seconds = sum(record["timings"].values())
+    novel = record["novel_views"]
+    novel_lpips = "n/a" if novel["lpips"] is None else f"{novel['lpips']:.3f}"
     return (f"{record['sequence']}: PSNR {record['psnr']:.2f}  SSIM {record['ssim']:.3f}  LPIPS {lpips}  "
+            f"(novel views {novel['psnr']:.2f} / {novel['ssim']:.3f} / {novel_lpips})  "
             f"inputs {record['input_views']}  {seconds:.0f} s")
 

@@ -184,14 +184,15 @@ def test_render_synthetic_scene_in_memory():
     assert torch.allclose(as_scene.images, scene.images * scene.masks) and as_scene.bbox.shape == (3, 4)
 
 
-def test_generation_is_deterministic(tmp_path):
+def test_generation_is_deterministic_for_any_number_of_workers(tmp_path):
     digests = []
-    for run in ("a", "b"):
-        generate_dataset(tmp_path / run, ["ball"], scenes=1, frames=3, seed=7, image_sizes=[(24, 32)],
-                         show_progress=False)
+    for run, workers in (("a", 1), ("b", 1), ("c", 2)):
+        generate_dataset(tmp_path / run, ["ball", "vase"], scenes=2, frames=3, seed=7, image_sizes=[(24, 32)],
+                         show_progress=False, workers=workers)
         files = sorted(p for p in (tmp_path / run).rglob("*") if p.is_file() and p.name != "synthetic_summary.json")
         digests.append([(str(p.relative_to(tmp_path / run)), hashlib.sha256(p.read_bytes()).hexdigest()) for p in files])
-    assert digests[0] == digests[1] and len(digests[0]) == 2 * 3 + 5  # images, masks, 3 set lists, 2 annotations
+    assert digests[0] == digests[1] == digests[2]
+    assert len(digests[0]) == 2 * (2 * 2 * 3 + 5)  # per category: images and masks, 3 set lists, 2 annotations
 
 
 def test_round_trip_points_project_into_the_mask_in_every_view(synthetic_root):

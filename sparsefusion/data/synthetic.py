@@ -277,8 +277,7 @@ def to_uint8(image):
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
-def write_scene(root, category, index, seed, n_frames, image_hw, intrinsics_format, frame_type, supersample,
-                progress=None):
+def write_scene(root, category, index, seed, n_frames, image_hw, intrinsics_format, frame_type, supersample):
     """Render scene index of a category, write its JPGs and mask PNGs; return its frame annotations."""
     name = sequence_name(seed, category, index)
     scene = render_synthetic_scene(category, scene_seed(seed, category, index), n_frames, image_hw, supersample)
@@ -299,8 +298,6 @@ def write_scene(root, category, index, seed, n_frames, image_hw, intrinsics_form
             "viewpoint": viewpoint_annotation(scene.cameras, k, intrinsics_format),
             "meta": {"frame_type": frame_type, "frame_splits": [], "eval_batch_maps": []},
         })
-        if progress is not None:
-            progress.update(1)
     return frames
 
 
@@ -332,54 +329,78 @@ def parse_image_size(text):
     return height, width
 
 
+def _write_scene_task(task):
+    """Pool worker: write_scene on one (root, category, index, ...) tuple; returns its frames."""
+    return write_scene(*task)
+
+
 def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames=32, seed=0,
-                     image_sizes=((150, 200), (240, 160)), eval_scenes=None, supersample=2, show_progress=True):
+                     image_sizes=((150, 200), (240, 160)), eval_scenes=None, supersample=2, show_progress=True,
+                     workers=1):
     """Write a synthetic dataset in the CO3Dv2 layout under root; return a summary dict.
 
     Scene i of a category uses image_sizes[i % len] and stores its intrinsics as
     INTRINSICS_FORMATS[i % 2] (both CO3D formats get exercised). The last eval_scenes scenes of each
     category (default: half, rounded up) are the evaluation sequences (fewview_dev/test "test").
+    Scenes are rendered by `workers` processes; the files are the same for any number of them.
     Annotations are written last and atomically, so a category with frame_annotations.jgz is complete.
     """
     unknown = [c for c in categories if c not in CATEGORY_BUILDERS]
     if unknown:
         raise UserError(f"unknown synthetic categories {unknown}; choose from {list(SYNTHETIC_CATEGORIES)}")
-    if scenes < 1 or frames < 1:
-        raise UserError(f"--scenes and --frames must be at least 1, got {scenes} and {frames}")
+    if scenes < 1 or frames < 1 or workers < 1:
+        raise UserError(f"--scenes, --frames and --workers must be at least 1, got {scenes}, {frames} and {workers}")
     eval_scenes = math.ceil(scenes / 2) if eval_scenes is None else eval_scenes
     if not 0 <= eval_scenes <= scenes:
         raise UserError(f"--eval-scenes must be between 0 and --scenes ({scenes}), got {eval_scenes}")
     start = time.time()
+    tasks = [(root, category, index, seed, frames, tuple(image_sizes[index % len(image_sizes)]),
+              INTRINSICS_FORMATS[index % 2], "test_known" if index >= scenes - eval_scenes else "train_known",
+              supersample) for category in categories for index in range(scenes)]
+    with tqdm(total=len(tasks), desc="rendering", unit="scene", disable=not show_progress) as progress:
+        written = []
+        for frames_of_scene in _map(_write_scene_task, tasks, workers):
+            written.append(frames_of_scene)
+            progress.update(1)
     summary = {"root": str(root), "seed": seed, "frames_per_scene": frames, "categories": {}}
-    with tqdm(total=len(categories) * scenes * frames, desc="rendering", unit="frame",
-              disable=not show_progress) as progress:
-        for category in categories:
-            frames_by_sequence, eval_sequences, sizes = {}, [], []
-            for index in range(scenes):
-                is_eval = index >= scenes - eval_scenes
-                name = sequence_name(seed, category, index)
-                image_hw = tuple(image_sizes[index % len(image_sizes)])
-                frames_by_sequence[name] = write_scene(
-                    root, category, index, seed, frames, image_hw, INTRINSICS_FORMATS[index % 2],
-                    "test_known" if is_eval else "train_known", supersample, progress)
-                sizes.append(list(image_hw))
-                if is_eval:
-                    eval_sequences.append(name)
-            folder = Path(root) / category
-            for subset, content in set_lists(frames_by_sequence, eval_sequences).items():
-                write_atomic_bytes(folder / "set_lists" / f"set_lists_{subset}.json", json.dumps(content).encode())
-            sequences = [{"sequence_name": n, "category": category, "video": None, "point_cloud": None,
-                          "viewpoint_quality_score": 1.0} for n in frames_by_sequence]
-            write_atomic_bytes(folder / "sequence_annotations.jgz", jgz_bytes(sequences))
-            all_frames = [f for n in frames_by_sequence for f in frames_by_sequence[n]]
-            write_atomic_bytes(folder / "frame_annotations.jgz", jgz_bytes(all_frames))
-            summary["categories"][category] = {
-                "sequences": list(frames_by_sequence), "eval_sequences": eval_sequences,
-                "image_sizes_hw": sizes, "frames": len(all_frames)}
+    for position, category in enumerate(categories):
+        frames_by_sequence, eval_sequences, sizes = {}, [], []
+        for index in range(scenes):
+            task, frames_of_scene = tasks[position * scenes + index], written[position * scenes + index]
+            name = sequence_name(seed, category, index)
+            frames_by_sequence[name] = frames_of_scene
+            sizes.append(list(task[5]))
+            if task[7] == "test_known":
+                eval_sequences.append(name)
+        write_category_annotations(Path(root) / category, category, frames_by_sequence, eval_sequences)
+        summary["categories"][category] = {
+            "sequences": list(frames_by_sequence), "eval_sequences": eval_sequences,
+            "image_sizes_hw": sizes, "frames": sum(len(f) for f in frames_by_sequence.values())}
     summary["total_frames"] = sum(c["frames"] for c in summary["categories"].values())
     summary["seconds"] = round(time.time() - start, 2)
     write_atomic_bytes(Path(root) / "synthetic_summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _map(function, items, workers):
+    """Yield function(item) for items in order, in `workers` processes (in this one for workers == 1)."""
+    if workers == 1:
+        yield from map(function, items)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(function, items)
+
+
+def write_category_annotations(folder, category, frames_by_sequence, eval_sequences):
+    """Write a category's set lists, sequence and frame annotations (frame_annotations.jgz last)."""
+    for subset, content in set_lists(frames_by_sequence, eval_sequences).items():
+        write_atomic_bytes(folder / "set_lists" / f"set_lists_{subset}.json", json.dumps(content).encode())
+    sequences = [{"sequence_name": n, "category": category, "video": None, "point_cloud": None,
+                  "viewpoint_quality_score": 1.0} for n in frames_by_sequence]
+    write_atomic_bytes(folder / "sequence_annotations.jgz", jgz_bytes(sequences))
+    all_frames = [f for n in frames_by_sequence for f in frames_by_sequence[n]]
+    write_atomic_bytes(folder / "frame_annotations.jgz", jgz_bytes(all_frames))
 
 
 def main(argv=None):
@@ -397,11 +418,12 @@ def main(argv=None):
     parser.add_argument("--eval-scenes", type=int, default=None,
                         help="evaluation scenes per category (default: half of --scenes, rounded up)")
     parser.add_argument("--supersample", type=int, default=2, help="rays per pixel side (antialiasing)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes in parallel (default: 1)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         summary = generate_dataset(args.root, args.categories, args.scenes, args.frames, args.seed,
                                    [parse_image_size(s) for s in args.image_sizes], args.eval_scenes,
-                                   args.supersample)
+                                   args.supersample, workers=args.workers)
         print(json.dumps(summary, indent=2))
 
 

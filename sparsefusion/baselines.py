@@ -1,0 +1,52 @@
+"""What the distilled NeRF is measured against, per scene camera: the EFT's images, VLDM samples, the nearest input.
+
+SparseFusion's paper compares the distilled NeRF with its ingredients: the EFT alone (its colour
+head, a regression that blurs what it cannot see) and view-conditioned diffusion sampled per view
+(sharp but inconsistent across views). The nearest input view is the trivial baseline: the input
+image whose camera looks most nearly the same way. A NeRF fit to the input views alone is the
+fourth (DistillConfig.method = 'inputs_only').
+"""
+
+import torch
+
+from sparsefusion.metrics import scene_metrics
+
+BASELINES = ("eft", "vldm", "nearest_input")
+
+
+def nearest_input_views(cameras, input_index):
+    """Return (N,) indices into input_index: for each camera, the input whose optical axis is closest in angle.
+
+    With row vectors (X_view = X_world R + T) a camera's viewing direction in the world is R's third column.
+    """
+    axes = cameras.R[:, :, 2]                                   # (N, 3)
+    inputs = axes[torch.as_tensor(input_index, device=axes.device)]  # (V, 3)
+    return (axes @ inputs.T).argmax(dim=1)
+
+
+@torch.no_grad()
+def vldm_samples(models, features, generator=None, batch=16):
+    """Return images (N, 3, S, S) in [0, 1]: PLMS samples from noise conditioned on EFT features (N, C, h, w)."""
+    images = []
+    for part in features.split(batch):
+        latents = models.vldm.sample(part, sampler="plms", model=models.unet, generator=generator)
+        images.append(models.codec.decode_latents(latents.float()))
+    return torch.cat(images)
+
+
+def baseline_images(distillation, scene_images, generator=None):
+    """Return {name: images (N, 3, S, S)} of the BASELINES at the scene's N cameras."""
+    n_views = len(scene_images)
+    cache = distillation.cache
+    nearest = nearest_input_views(distillation.cameras.scene, distillation.input_index)
+    return {
+        "eft": cache.eft_images[:n_views].clamp(0, 1),
+        "vldm": vldm_samples(distillation.models, cache.features[:n_views], generator),
+        "nearest_input": scene_images[distillation.input_index.to(scene_images.device)[nearest]],
+    }
+
+
+def baseline_metrics(distillation, scene_images, lpips_model=None, generator=None):
+    """Return {name: scene_metrics dict (means and per-frame)} of the BASELINES against the scene's images."""
+    images = baseline_images(distillation, scene_images, generator)
+    return {name: scene_metrics(images[name].cpu(), scene_images.cpu(), lpips_model) for name in BASELINES}

@@ -1,0 +1,168 @@
+"""demo.py's configuration: DemoConfig, its checks, and layering of defaults, YAML, flags and key=value.
+
+The same mechanism as train.py's (sparsefusion/training.py): DemoConfig's defaults are upstream's
+demo; a YAML file (--config, or --mini for configs/mini_demo.yaml) overrides them, then the flags
+(upstream's short ones and a few long aliases), then key=value overrides of any field, nested ones
+dotted (distill.iterations=500, distill.nerf.num_levels=8).
+
+    config = load_demo_config("configs/mini_demo.yaml", ["idx=0,1"], category="hydrant")
+"""
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import List
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sparsefusion.data import CO3D_ALL_CATEGORIES, DATASET_NAMES, expand_categories
+from sparsefusion.distill import METHODS, DistillConfig
+from sparsefusion.errors import UserError
+
+UNET_MODES = ("eager", "graph", "compile")
+EFT_MODES = ("upstream", "eval")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class GenerateConfig:
+    """How demo.py writes a synthetic dataset whose category is missing (scenes 0: never, it stops instead)."""
+
+    scenes: int = 0                      # scenes per category, all of them evaluation scenes
+    frames: int = 32                     # views per scene
+    seed: int = 1                        # everything follows from it; training data uses other seeds
+    image_sizes: List[str] = field(default_factory=lambda: ["84x112", "112x84"])  # HxW, used by scenes in turn
+    workers: int = 2                     # rendering processes
+
+
+@dataclass
+class DemoConfig:
+    """Everything demo.py does; the defaults are upstream's demo."""
+
+    # what to reconstruct
+    dataset_name: str = "co3d_toy"       # 'co3d' | 'co3d_toy' | 'synthetic' (-d)
+    root: str = ""                       # dataset folder (-r); '' = data/{dataset_name}
+    category: str = "???"                # a category, comma-separated categories, 'all_ten' or 'all' (-c), required
+    idx: str = "0"                       # scene indices, comma-separated (-i)
+    input_views: int = 2                 # random input views per scene (-v)
+    seed: int = 0                        # input views are a permutation seeded by seed + scene index
+
+    # models (''= the default location: checkpoints/sf/{category}/..., checkpoints/sd/sd-v1-3-vae.ckpt)
+    eft: str = ""                        # EFT checkpoint (-e)
+    vldm: str = ""                       # VLDM checkpoint (-l)
+    vae: str = ""                        # VAE checkpoint (-a)
+    vgg_weights: str = ""                # ImageNet VGG16 weights for LPIPS when the torch hub cache has none
+    image_size: int = 0                  # image side; 0 = the models' (VLDM latent size × VAE stride)
+
+    # how
+    baselines: bool = False              # also score the EFT images, VLDM samples and nearest input views
+    unet: str = "graph"                  # UNet on CUDA: 'eager' fp32 as upstream; 'graph' bf16 + CUDA graph;
+                                         # 'compile' adds torch.compile
+    precision: str = "fp32"              # 'bf16': autocast of the EFT cache and the eager UNet/LPIPS calls on CUDA
+    eft_mode: str = "upstream"           # EFT BatchNorm batch statistics + dropout as upstream, or 'eval'
+    gpus: int = 1                        # processes, one GPU each (-g)
+    port: int = 1                        # last digit of the DDP port 1234p (-p)
+
+    # outputs
+    output: str = "output/demo"          # output folder (-o)
+    mesh_threshold: float = 10.0         # density threshold of the exported mesh
+    mesh_resolution: int = 256           # marching-cubes grid size of the mesh
+
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    @property
+    def dataset_root(self):
+        return self.root or f"data/{self.dataset_name}"
+
+    @property
+    def categories(self):
+        return expand_categories(self.category.split(","))
+
+
+def parse_indices(text):
+    """Return the scene indices of -i, e.g. '0,5,7' -> [0, 5, 7]."""
+    try:
+        indices = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise UserError(f"-i/--idx {text!r} is invalid; use comma-separated scene indices such as 0,5,7") from None
+    if any(i < 0 for i in indices):
+        raise UserError(f"-i/--idx {text!r} has a negative index; scene indices start at 0")
+    return indices
+
+
+def check_demo_config(config):
+    """Raise UserError naming the first setting that cannot work, and a value that can."""
+    choices = {"dataset_name": DATASET_NAMES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
+    if config.input_views < 1:
+        raise UserError(f"-v/--input_views must be at least 1, got {config.input_views}")
+    distill = config.distill
+    if distill.method not in METHODS:
+        raise UserError(f"distill.method must be one of {list(METHODS)}, got {distill.method!r}")
+    if distill.iterations < 1:
+        raise UserError(f"--iterations must be at least 1, got {distill.iterations}")
+    if config.image_size and (distill.train_rays < 1 or config.image_size % distill.train_rays):
+        raise UserError(f"--train_rays {distill.train_rays} must divide --image_size {config.image_size}")
+    parse_indices(config.idx)
+    if config.dataset_name != "synthetic":
+        unknown = [c for c in config.categories if c not in CO3D_ALL_CATEGORIES]
+        if unknown:
+            raise UserError(f"unknown category {unknown[0]!r}; use one of CO3D's: {', '.join(CO3D_ALL_CATEGORIES)}, "
+                            f"'all_ten' or 'all'")
+
+
+def load_demo_config(path=None, overrides=(), **flags):
+    """Return the DemoConfig of the defaults, then a YAML file, then flags (dotted names), then key=value overrides."""
+    try:
+        merged = OmegaConf.structured(DemoConfig)
+        if path:
+            if not Path(path).is_file():
+                raise UserError(f"config file {path} not found")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        dotted = [f"{name}={value}" for name, value in flags.items()]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotted), OmegaConf.from_dotlist(list(overrides)))
+        if OmegaConf.is_missing(merged, "category"):
+            raise UserError("no category given: pass -c CATEGORY (or category=... / a YAML config)")
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f" at '{key}'" if key else ""
+        raise UserError(f"bad demo config{where}: {str(err).splitlines()[0]}; keys are the fields of "
+                        f"sparsefusion.demo_config.DemoConfig") from err
+    except ValueError as err:  # a nested config's own check
+        raise UserError(f"bad demo config: {err}") from err
+    check_demo_config(config)
+    return config
+
+
+def with_image_size(config, image_size, latent_stride):
+    """Return config with the models' image size applied to the distillation and the EFT feature grid.
+
+    UserError if the config asked for another size than the models were trained at.
+    """
+    if config.image_size and config.image_size != image_size:
+        raise UserError(f"--image_size {config.image_size} does not match the models, which work at {image_size} "
+                        f"(VLDM latents × VAE stride {latent_stride}); leave image_size at 0 to follow the models")
+    if image_size % config.distill.train_rays:
+        raise UserError(f"--train_rays {config.distill.train_rays} must divide the models' image size {image_size}")
+    distill = config.distill
+    features = replace(distill.features, image_size=image_size, scale=latent_stride, mode=config.eft_mode,
+                       precision=config.precision)
+    distill = replace(distill, image_size=image_size, precision=config.precision, features=features,
+                      perceptual_start=min(distill.perceptual_start, distill.fusion_start))
+    return replace(config, image_size=image_size, distill=distill)
+
+
+def field_help(cls=DemoConfig, prefix=""):
+    """Return 'name = default' lines for every field of a config dataclass, nested ones dotted."""
+    lines = []
+    for item in fields(cls):
+        default = item.default_factory() if callable(item.default_factory) else item.default
+        if is_dataclass(default):
+            lines += field_help(type(default), f"{prefix}{item.name}.")
+        else:
+            lines.append(f"  {prefix}{item.name} = {default!r}")
+    return lines
