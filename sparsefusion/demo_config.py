@@ -77,7 +77,7 @@ class DemoConfig:
 
     @property
     def categories(self):
-        return expand_categories(self.category.split(","))
+        return expand_categories(self.category)
 
 
 def parse_indices(text):

@@ -17,6 +17,8 @@ log/_loss.png (every loss term) and tensorboard/ (scalars and the same pictures)
 """
 
 import os
+import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -132,6 +134,41 @@ def seed_rank(seed, rank):
     torch.manual_seed(seed + rank)
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT/SIGTERM (sent to the whole process group) to the training process."""
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopRequest:
+    """Notes SIGINT and SIGTERM instead of dying, so the loop can stop between steps with a checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def _note(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, rank):
+        """Return whether any rank was asked to stop (collective when there are several ranks)."""
+        if rank.world_size == 1:
+            return self.signal_name is not None
+        flag = torch.tensor([float(self.signal_name is not None)], device=rank.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "another rank's signal"
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -200,7 +237,7 @@ class Trainer:
         while True:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, sampler=self.epoch_keys(epoch)[first:],
-                num_workers=self.config.num_workers,
+                num_workers=self.config.num_workers, worker_init_fn=ignore_stop_signals,
                 generator=torch.Generator().manual_seed(self.config.seed))  # leaves the global RNG alone
             for scene in loader:
                 for _ in range(skip, repeat):
@@ -211,13 +248,23 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
 
     def train(self):
-        """Train from the current step to the last step; return the last step."""
+        """Train from the current step to the last step, or until SIGINT/SIGTERM; return the step reached.
+
+        A signal ends the run after the step in progress, with the latest checkpoint saved.
+        """
         config, last, names = self.config, self.last_step(), self.objective.loss_names
         bar = tqdm(total=last, initial=self.step, disable=not self.rank.is_main, dynamic_ncols=True)
         sums, count = torch.zeros(len(names), device=self.device), 0
         stream = self.scenes(self.step)
+        stop = StopRequest()
         try:
             while self.step < last:
+                if stop.agreed(self.rank):
+                    self.save("latest")
+                    if self.rank.is_main:
+                        tqdm.write(f"stopped by {stop.signal_name} at step {self.step}: its checkpoint is saved in "
+                                   f"{self.exp_dir}; the same command resumes from it")
+                    break
                 epoch, scene = next(stream)
                 batch = self.objective.batch(scene)
                 losses = train_step(self.ddp, self.objective, batch, config.precision, self.device)
@@ -236,11 +283,12 @@ class Trainer:
                 if config.archive_itr and self.step % config.archive_itr == 0:
                     self.save(f"{self.step:06d}")
         finally:
+            stop.restore()
             stream.close()
             bar.close()
             if self.writer is not None:
                 self.writer.close()
-        if self.rank.is_main:
+        if self.rank.is_main and self.step == last:
             print(f"step {self.step}: checkpoints in {self.exp_dir}")
         return self.step
 

@@ -17,7 +17,10 @@ CATEGORY_GROUPS = {"all": CO3D_ALL_CATEGORIES, "all_ten": CO3D_ALL_TEN}
 
 
 def expand_categories(category):
-    """Return the list of categories a name stands for: a group ('all', 'all_ten'), a list, or one name."""
+    """Return the list of categories a name stands for: a group ('all', 'all_ten'), a list or a
+    comma-separated string of names and groups, or one name."""
+    if isinstance(category, str) and "," in category:
+        category = category.split(",")
     if isinstance(category, (list, tuple)):
         return [name for item in category for name in expand_categories(item)]
     return list(CATEGORY_GROUPS.get(category, (category,)))
