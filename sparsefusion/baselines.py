@@ -46,7 +46,14 @@ def baseline_images(distillation, scene_images, generator=None):
     }
 
 
-def baseline_metrics(distillation, scene_images, lpips_model=None, generator=None):
-    """Return {name: scene_metrics dict (means and per-frame)} of the BASELINES against the scene's images."""
+def baseline_metrics(distillation, scene_images, views, lpips_model=None, generator=None):
+    """Return {name: scene_metrics dict (means and per-frame) + 'views'} of the BASELINES at the given views.
+
+    Pass the novel views: at an input view the nearest input is the ground truth itself.
+    """
     images = baseline_images(distillation, scene_images, generator)
-    return {name: scene_metrics(images[name].cpu(), scene_images.cpu(), lpips_model) for name in BASELINES}
+    scored = {}
+    for name in BASELINES:
+        result = scene_metrics(images[name][views].cpu(), scene_images[views].cpu(), lpips_model)
+        scored[name] = {**result, "views": list(views)}
+    return scored

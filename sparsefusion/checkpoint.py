@@ -1,6 +1,7 @@
 """Checkpoint files: safe loading, strict state-dict checks, atomic saving."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -26,7 +27,18 @@ def load_file(path, what, where_to_get=None, map_location="cpu", safe_globals=()
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated or foreign file: name it, keep the cause
-        raise UserError(f"{what} at {path} could not be read ({type(err).__name__}: {err})") from err
+        raise UserError(f"{what} at {path} could not be read: {load_failure(err)}") from err
+
+
+def load_failure(err):
+    """Return one line saying why torch.load refused a file: a pickled object that is not a tensor, or corruption."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (f"it holds a pickled object ({unsafe.group(1)}) besides tensors, refused as unsafe; "
+                f"is it a checkpoint of this project?")
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return f"truncated, corrupt or not a checkpoint ({type(err).__name__}: {first_line})"
 
 
 def state_dict_mismatches(expected, given):

@@ -6,7 +6,7 @@
 writes vae.pt ({'step', 'state_dict', 'config', 'scale_factor'}, which load_vae reads) and eft.pt and
 vldm.pt ({'step', 'model_state_dict', 'config'}, upstream's layout, which load_eft and
 VLDM.from_checkpoint read), floating-point tensors stored as float16 (loaded back as float32), and
-updates manifest.json: each file's source, training step, parameter count, size and SHA-256.
+updates manifest.json: each file's source, training step, number of stored floating-point values (weights and buffers), size and SHA-256.
 The joint stage trains on the exported vae.pt, so the VAE that ships is the one its models saw.
 """
 
@@ -57,7 +57,7 @@ def export(out_dir, joint_dir=None, vae_path=None):
         copy = inference_copy(load_file(source, f"{name.upper()} training checkpoint"), weights_key)
         path = save_atomic(copy, out_dir / f"{name}.pt")
         manifest[name] = {"file": path.name, "source": str(source), "step": int(copy["step"]),
-                          "parameters": sum(v.numel() for v in copy[weights_key].values() if v.is_floating_point()),
+                          "float_values": sum(v.numel() for v in copy[weights_key].values() if v.is_floating_point()),
                           "bytes": path.stat().st_size, "sha256": sha256(path)}
     write_json(manifest, manifest_path)
     return manifest

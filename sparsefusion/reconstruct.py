@@ -88,7 +88,7 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
 
     The record's psnr/ssim/lpips are upstream's means over every camera; 'novel_views' holds the means
     over the cameras that are not input views, and with baselines=True 'baselines' holds the metrics
-    of the EFT images, VLDM samples and nearest input views (sparsefusion/baselines.py) likewise.
+    of the EFT images, VLDM samples and nearest input views (sparsefusion/baselines.py) on those.
 
     Args:
         scene: a data.Scene (images (N, 3, S, S), masks, cameras).
@@ -121,9 +121,8 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
              "method": config.method, "input_views": inputs, "n_views": len(scene.images),
              "novel_views": frame_means(metrics["frames"], exclude=inputs)}
     if baselines:
-        scored = baseline_metrics(distillation, scene.images, models.lpips, device_generator)
-        extra["baselines"] = {name: {**result, "novel_views": frame_means(result["frames"], exclude=inputs)}
-                              for name, result in scored.items()}
+        novel = [view for view in range(len(scene.images)) if view not in inputs]
+        extra["baselines"] = baseline_metrics(distillation, scene.images, novel, models.lpips, device_generator)
     timings["evaluation_s"] = time.perf_counter() - start
     extra["timings"] = timings
     record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)

@@ -10,7 +10,8 @@ Files under exp_dir: the stage's checkpoints ckpt_latest*.pt every save_itr step
 step, ckpt_{step:06d}*.pt every archive_itr steps; the first file of a checkpoint also holds the
 'train_config' and every rank's 'rng_state', so a rerun resumes weights, optimizers, schedulers,
 step, data position and random state. config.yaml, log/train_{step:06d}.jpg (the objective's picture),
-log/_loss.png (every loss term) and tensorboard/ (scalars and the same pictures).
+log/losses.csv (step, lr and each loss term every log_itr steps, across resumed runs), log/_loss.png
+(its curves) and tensorboard/ (scalars and the same pictures).
 
     config = load_config("configs/train_small.yaml", ["category=hydrant", "dataset=synthetic"])
     run_training(config)                       # -g N processes, or the torchrun ones
@@ -134,6 +135,41 @@ def seed_rank(seed, rank):
     torch.manual_seed(seed + rank)
 
 
+class LossLog:
+    """log/losses.csv: one row per logged interval (step, lr, mean losses), kept across resumed runs."""
+
+    def __init__(self, path, columns):
+        self.path, self.columns = Path(path), tuple(columns)
+
+    def read(self):
+        """Return the rows as dicts of floats (step as int); [] when there is no file."""
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        header = lines[0].split(",")
+        rows = [dict(zip(header, map(float, line.split(",")))) for line in lines[1:] if line]
+        for row in rows:
+            row["step"] = int(row["step"])
+        return rows
+
+    def _line(self, row):
+        return ",".join(str(int(row[c])) if c == "step" else repr(float(row[c])) for c in self.columns) + "\n"
+
+    def append(self, row):
+        """Append a row {column: value}; the header is written with the first row."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.is_file()
+        with open(self.path, "a") as f:
+            f.write((",".join(self.columns) + "\n" if new else "") + self._line(row))
+
+    def truncate_after(self, step):
+        """Drop the rows after step (the run resumes there), rewriting the file atomically."""
+        rows = self.read()
+        kept = [row for row in rows if row["step"] <= step]
+        if len(kept) < len(rows):
+            write_text(",".join(self.columns) + "\n" + "".join(self._line(row) for row in kept), self.path)
+
+
 def ignore_stop_signals(worker_id):
     """DataLoader workers leave SIGINT/SIGTERM (sent to the whole process group) to the training process."""
     for sig in StopRequest.SIGNALS:
@@ -203,12 +239,12 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, find_unused_parameters=self.objective.find_unused_parameters)
 
-        self.loss_history = {name: [] for name in self.objective.loss_names}
-        self.logged_steps = []
+        self.loss_log = LossLog(self.exp_dir / "log" / "losses.csv", ("step", "lr") + self.objective.loss_names)
         self.last_losses = None
         self.writer = None
         if rank.is_main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
+            self.loss_log.truncate_after(self.step)  # rows a stopped run logged after its last checkpoint
             write_text(config_yaml(config), self.exp_dir / "config.yaml")
             if config.tensorboard:
                 self.writer = tensorboard_writer(self.exp_dir / "tensorboard")
@@ -302,9 +338,8 @@ class Trainer:
         values = dict(zip(self.objective.loss_names, means.tolist()))
         lr = self.objective.schedulers[0].get_last_lr()[0]
         bar.set_description(f"epoch={epoch} lr={lr:1.2e} loss={values['total']:.4f}")
-        self.logged_steps.append(self.step)
+        self.loss_log.append({"step": self.step, "lr": lr, **values})
         for name, value in values.items():
-            self.loss_history[name].append(value)
             if self.writer is not None:
                 self.writer.add_scalar(f"loss/{name}", value, self.step)
         if self.writer is not None:
@@ -320,8 +355,10 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             image = self.objective.visualize(scene)
         write_image(image, self.exp_dir / "log" / f"train_{self.step:06d}.jpg")
-        if self.logged_steps:
-            plot_losses(self.loss_history, self.exp_dir / "log" / "_loss.png", x=self.logged_steps, xlabel="step",
+        rows = self.loss_log.read()
+        if rows:
+            curves = {name: [row[name] for row in rows] for name in self.objective.loss_names}
+            plot_losses(curves, self.exp_dir / "log" / "_loss.png", x=[row["step"] for row in rows], xlabel="step",
                         log_scale=True, title=f"{self.config.stage} stage: mean loss per {self.config.log_itr} steps")
         if self.writer is not None:
             self.writer.add_image("visualisation", image, self.step, dataformats="HWC")

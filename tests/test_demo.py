@@ -15,6 +15,7 @@ from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from external.imagen_unet import UnetConfig
 from sparsefusion.data.synthetic import main as generate_synthetic
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
+from sparsefusion.errors import UserError
 from sparsefusion.metrics import psnr, ssim
 from sparsefusion.vae import save_vae
 from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
@@ -142,3 +143,102 @@ def test_two_processes_split_the_scenes_and_rank_0_summarises(setup, monkeypatch
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(s["sequence"] for s in summary["scenes"]) == ["hydrant_000_c2", "hydrant_001_c2"]
     assert (out / "render_gifs" / "hydrant_001_c2.gif").is_file() and (out / "hydrant_000_c2.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration, the ablation, the baselines, checkpoints that do not fit
+
+
+def test_yaml_config_then_flags_then_key_value(setup, tmp_path):
+    from sparsefusion.demo_config import load_demo_config
+
+    yaml = tmp_path / "demo.yaml"
+    yaml.write_text("category: hydrant\ninput_views: 3\ndistill:\n  iterations: 50\n  nerf:\n    num_levels: 4\n")
+    args = demo.parse_args(["--config", str(yaml), "-v", "4", "--iterations", "60", "distill.nerf.num_levels=6",
+                            "seed=9"])
+    config = demo.config_from_args(args)
+    assert (config.input_views, config.distill.iterations, config.distill.nerf.num_levels, config.seed) == (4, 60, 6, 9)
+    assert load_demo_config(yaml).distill.iterations == 50
+    with pytest.raises(UserError, match="bogus"):
+        load_demo_config(yaml, ["distill.bogus=1"])
+
+
+def test_help_lists_every_field_with_its_default():
+    done = subprocess.run([sys.executable, "demo.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for line in ("distill.nerf.num_levels = 16", "distill.method = 'sparsefusion'", "generate.scenes = 0",
+                 "image_size = 0", "baselines = False"):
+        assert line in done.stdout, line
+
+
+@pytest.fixture(scope="module")
+def ablation_with_baselines(setup):
+    """Run the input-views-only NeRF with the baselines scored; return the scene's metrics record."""
+    out = setup / "out_ablation"
+    demo.main(flags(setup, *SMALL_RUN, "--method", "inputs_only", "-o", str(out), "baselines=true"))
+    return json.loads((out / "metrics" / "hydrant_000_c2.json").read_text())
+
+
+def test_inputs_only_fits_the_input_views_alone(ablation_with_baselines):
+    record = ablation_with_baselines
+    assert record["method"] == "inputs_only" and record["config"]["method"] == "inputs_only"
+    novel = [v for v in range(record["n_views"]) if v not in record["input_views"]]
+    frames = record["frames"]
+    by_hand = {key: float(np.mean([frames[v][key] for v in novel])) for key in ("psnr", "ssim")}
+    assert record["novel_views"]["psnr"] == pytest.approx(by_hand["psnr"])
+    assert record["novel_views"]["ssim"] == pytest.approx(by_hand["ssim"])
+
+
+def test_baselines_are_scored_on_the_novel_views(ablation_with_baselines):
+    record = ablation_with_baselines
+    novel = [v for v in range(record["n_views"]) if v not in record["input_views"]]
+    assert set(record["baselines"]) == {"eft", "vldm", "nearest_input"}
+    for name, result in record["baselines"].items():
+        assert result["views"] == novel and len(result["frames"]) == len(novel)
+        assert np.isfinite(result["psnr"]) and 0 < result["ssim"] <= 1, name
+
+
+def test_nearest_input_view_is_the_closest_viewing_direction():
+    from sparsefusion.baselines import nearest_input_views
+    from sparsefusion.cameras import PerspectiveCameras, look_at_view_transform
+
+    angles = torch.tensor([0.0, 0.5, 1.4, 2.0, 3.0, 4.5])
+    eye = torch.stack([6 * angles.cos(), torch.full_like(angles, 1.0), 6 * angles.sin()], dim=-1)
+    R, T = look_at_view_transform(eye, torch.zeros(1, 3), torch.tensor([[0.0, 1.0, 0.0]]))
+    cameras = PerspectiveCameras(R=R, T=T, focal_length=torch.ones(6, 2), principal_point=torch.zeros(6, 2),
+                                 image_size=torch.full((6, 2), 32.0))
+    inputs = [1, 4]
+    expected = [min(range(2), key=lambda k: abs(float(angles[i] - angles[inputs[k]]))) for i in range(6)]
+    assert nearest_input_views(cameras, inputs).tolist() == expected
+
+
+def test_checkpoints_that_do_not_fit_together_are_named(setup, tmp_path, capsys):
+    vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=8), image_size=SIZE // 8))
+    vldm.save_checkpoint(tmp_path / "vldm8.pt", 0, *training_optimizer(vldm))
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, *SMALL_RUN, "-l", str(tmp_path / "vldm8.pt")))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "makes 16-channel features but the VLDM at" in err and "vldm8.pt takes 8" in err
+
+
+def test_an_image_size_the_models_do_not_use_is_refused(setup, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, *SMALL_RUN, "--image_size", "64"))
+    assert "--image_size 64 does not match the models, which work at 32" in capsys.readouterr().err
+
+
+def test_a_truncated_mini_checkpoint_names_the_file_and_the_fix(setup, tmp_path, monkeypatch, capsys):
+    from sparsefusion import models
+
+    mini = tmp_path / "mini"
+    mini.mkdir()
+    (mini / "eft.pt").write_bytes((setup / "eft.pt").read_bytes()[:3000])
+    monkeypatch.setattr(models, "MINI_FOLDER", mini)
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, *SMALL_RUN, "-e", str(mini / "eft.pt")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(mini / "eft.pt") in err[0] and "git checkout -- checkpoints/mini" in err[0]
+    (mini / "eft.pt").unlink()
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, *SMALL_RUN, "-e", str(mini / "eft.pt")))
+    assert "EFT checkpoint not found at" in capsys.readouterr().err

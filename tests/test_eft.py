@@ -380,3 +380,30 @@ def test_cuda_rendering_matches_cpu_fp32(precision, full_eft):
     out = render_features(model, cameras[3:].to("cuda"), cameras[:3].to("cuda"), images[:3].cuda(), 2.5, 5.5, gpu)
     tolerance = {"fp32": 1e-3, "bf16": 0.03, "fp16": 0.01}[precision]
     assert (out.cpu() - reference).norm() / reference.norm() < tolerance
+
+
+def test_small_backbone_has_only_the_read_stages_under_resnet_names():
+    config = EFTConfig(backbone="small", backbone_widths=(8, 16, 24), backbone_blocks=(1, 2, 1), hidden_dim=16,
+                       n_layers=1)
+    model = EpipolarFeatureTransformer(config)
+    keys = list(model.state_dict())
+    assert not [k for k in keys if k.startswith(UNUSED_BACKBONE)]
+    assert "encoder_model.layer2.1.conv2.weight" in keys and "encoder_model.layer2.0.downsample.0.weight" in keys
+    assert "encoder_model.layer1.0.downsample.0.weight" not in keys  # same width, stride 1: identity shortcut
+    assert model.latent_dim == 8 + 8 + 16 + 24
+    context = model.encode(torch.rand(2, 3, 32, 32))
+    assert context.latents.shape == (2, model.latent_dim, 16, 16)
+
+
+def test_small_backbone_round_trips_through_save_and_load(tmp_path):
+    config = EFTConfig(backbone="small", backbone_widths=(8, 16, 24), hidden_dim=16, n_layers=1)
+    model = EpipolarFeatureTransformer(config)
+    loaded = load_eft(save_eft(model, tmp_path / "eft.pt"))
+    assert loaded.config.backbone == "small" and tuple(loaded.config.backbone_widths) == (8, 16, 24)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_unknown_backbone_is_refused_naming_the_choices():
+    with pytest.raises(UserError, match=r"eft.backbone must be one of \['resnet18', 'small'\]"):
+        EpipolarFeatureTransformer(EFTConfig(backbone="resnet50"))

@@ -1,14 +1,17 @@
 """Training: config layering, the step's inputs, learning, checkpoints, resume, and DDP across two processes."""
 
 import importlib.util
+import os
 import runpy
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from external.autoencoder_kl import AutoencoderKL
+from external.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
+from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.checkpoint import load_file
 from sparsefusion.data.synthetic import generate_dataset
 from sparsefusion.distributed import Rank, launch
@@ -16,8 +19,10 @@ from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.joint_objective import colors_at_rays, draw_query_and_context_size, training_batch, valid_loss_mask
 from sparsefusion.trainer import Trainer, check_inputs, run_training
+from sparsefusion.relative_cameras import relative_cameras
 from sparsefusion.training import load_config
-from sparsefusion.vae import save_vae
+from sparsefusion.vae import load_latent_codec, save_vae
+from sparsefusion.vae_objective import kl_to_standard_normal
 from sparsefusion.vldm import VLDM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +299,109 @@ def test_cuda_bf16_steps_match_fp32_and_resume(small_config, tmp_path):
     assert resumed.step == 2 and resumed.train() == 3
     state = load_file(Path(resumed.config.exp_dir) / "ckpt_latest.pt", "checkpoint")["rng_state"][0]
     assert state["cuda"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Several queries per step, the VAE stage, stopping, partial checkpoints
+
+
+def test_several_queries_share_the_context_each_in_its_own_frame(small_config):
+    config = small_config("queries_per_step=3")
+    trainer = Trainer(config, single_rank())
+    scene = trainer.dataset[(0, 0)]
+    torch.manual_seed(5)
+    batch = training_batch(scene, trainer.objective.codec, config, CPU)
+    n_context = batch.context_images.shape[0]
+    assert len(batch.query_cameras) == 3 and len(batch.context_cameras) == 3 * n_context
+    torch.testing.assert_close(batch.query_cameras.R, torch.eye(3).expand(3, 3, 3), atol=1e-6, rtol=0)
+    assert batch.latents.shape == (3, 4, 8, 8) and batch.rays.lengths.shape[0] == 3
+    # the same context camera seen from two queries: its pose relative to each query is the scene's
+    torch.manual_seed(5)
+    query, size = draw_query_and_context_size(len(scene), config.num_input_range, 3)
+    context = torch.randperm(len(scene))[:size]
+    assert size == n_context
+    for q in range(3):
+        expected = PerspectiveCameras.cat([scene.cameras[int(query[q])], scene.cameras[context]])
+        relative = relative_cameras(expected, 0, center_at_origin=True)
+        got = batch.context_cameras[q * n_context:(q + 1) * n_context]
+        torch.testing.assert_close(got.R, relative.R[1:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.T, relative.T[1:], atol=1e-4, rtol=0)
+    losses = trainer.model(batch)
+    assert losses["rgb"].shape == (3, 8, 8, 3) and torch.isfinite(losses["total"])
+
+
+def test_vae_stage_learns_and_writes_a_vae_file_with_its_scale(small_config, tmp_path):
+    config = small_config("stage=vae", "iterations=12", "lr=2e-3", "save_itr=12", "vis_itr=12", "views_per_scene=6",
+                          exp_dir=tmp_path / "vae")
+    trainer = Trainer(config, single_rank())
+    images = trainer.dataset[(0, 0)].images
+
+    def loss():
+        torch.manual_seed(9)
+        with torch.no_grad():
+            return float(trainer.model(images)["reconstruction"])
+
+    before = loss()
+    assert trainer.train() == 12
+    assert loss() < 0.7 * before
+    ckpt = load_file(tmp_path / "vae" / "ckpt_latest_vae.pt", "VAE checkpoint")
+    assert set(ckpt) == {"step", "state_dict", "config", "scale_factor", "optimizer_state_dict",
+                         "scheduler_state_dict", "train_config", "rng_state"}
+    reference = torch.cat([trainer.dataset[(0, i)].images for i in range(len(trainer.dataset))])
+    with torch.no_grad():
+        modes = trainer.objective.vae.eval().encode(reference * 2 - 1).mode()
+    assert ckpt["scale_factor"] == pytest.approx(1 / float(modes.std()), rel=1e-4)
+    codec = load_latent_codec(tmp_path / "vae" / "ckpt_latest_vae.pt")  # load_vae reads the training file as it is
+    assert codec.config.scale_factor == ckpt["scale_factor"]
+    assert (tmp_path / "vae" / "log" / "train_000012.jpg").is_file()
+
+
+def test_kl_term_is_the_closed_form_of_diagonal_gaussians():
+    moments = torch.randn(2, 8, 3, 3)
+    posterior = DiagonalGaussianDistribution(moments)
+    mean, logvar = moments.chunk(2, dim=1)
+    expected = [torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean[i], (0.5 * logvar[i]).exp()), torch.distributions.Normal(0.0, 1.0)).sum()
+        for i in range(2)]
+    torch.testing.assert_close(kl_to_standard_normal(posterior), torch.stack(expected))
+
+
+def test_a_stop_signal_saves_the_step_and_the_run_resumes(small_config, tmp_path):
+    config = small_config("iterations=6", "save_itr=100", exp_dir=tmp_path / "stopped")
+    trainer = Trainer(config, single_rank())
+    draw = trainer.objective.batch
+    calls = []
+
+    def batch_then_signal(scene):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2, which completes
+        return draw(scene)
+
+    trainer.objective.batch = batch_then_signal
+    assert trainer.train() == 2
+    assert load_file(tmp_path / "stopped" / "ckpt_latest.pt", "checkpoint")["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after train()
+    assert Trainer(config, single_rank()).train() == 6
+
+
+def test_half_a_checkpoint_is_refused_naming_both_files(small_config, tmp_path):
+    config = small_config("iterations=1", "save_itr=1", exp_dir=tmp_path / "half")
+    Trainer(config, single_rank()).train()
+    (tmp_path / "half" / "ckpt_latest.pt").unlink()
+    with pytest.raises(UserError, match=r"ckpt_latest_eft\.pt.*but not.*ckpt_latest\.pt"):
+        Trainer(config, single_rank())
+
+
+def test_the_loss_log_spans_resumed_runs_and_drops_rows_past_the_checkpoint(small_config, tmp_path):
+    exp = tmp_path / "logged"
+    Trainer(small_config("iterations=4", "log_itr=1", "save_itr=2", exp_dir=exp), single_rank()).train()
+    log = exp / "log" / "losses.csv"
+    with open(log, "a") as f:
+        f.write("5,0.001,9.0,9.0,9.0\n")  # a row logged after the last checkpoint by a killed run
+    Trainer(small_config("iterations=6", "log_itr=1", "save_itr=2", "vis_itr=6", exp_dir=exp), single_rank()).train()
+    lines = log.read_text().splitlines()
+    assert lines[0] == "step,lr,total,diffusion,color"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
+    assert all(float(line.split(",")[2]) < 9.0 for line in lines[1:])
+    assert (exp / "log" / "_loss.png").is_file()
