@@ -122,16 +122,16 @@ def hit_object(primitives, o, d):
 
     Each primitive only traces the rays that pass near it (within its bounding sphere).
     """
-    t_best = torch.full(o.shape[:1], math.inf, dtype=o.dtype)
+    t_best = torch.full(o.shape[:1], math.inf, dtype=o.dtype, device=o.device)
     normal_best = torch.zeros_like(o)
     albedo_best = torch.zeros_like(o)
     for prim in primitives:
-        axes, center = prim.axes.to(o.dtype), prim.center.to(o.dtype)
+        axes, center = prim.axes.to(o), prim.center.to(o)
         rows = rays_near_sphere(o, d, center, float(prim.size.norm()) * 1.001)  # |size| bounds all three kinds
         if rows.numel() == 0:
             continue
         o_local, d_local = (o[rows] - center) @ axes, d[rows] @ axes
-        t, normal_local = HITS[prim.kind](o_local, d_local, prim.size.to(o.dtype))
+        t, normal_local = HITS[prim.kind](o_local, d_local, prim.size.to(o))
         closer = t < t_best[rows]
         t, normal_local, o_local, d_local = t[closer], normal_local[closer], o_local[closer], d_local[closer]
         rows = rows[closer]
@@ -140,7 +140,7 @@ def hit_object(primitives, o, d):
         color2 = prim.color if prim.color2 is None else prim.color2
         t_best[rows] = t
         normal_best[rows] = normal_local @ axes.T
-        albedo_best[rows] = torch.where(second[:, None], color2.to(o.dtype), prim.color.to(o.dtype))
+        albedo_best[rows] = torch.where(second[:, None], color2.to(o), prim.color.to(o))
     return t_best, F.normalize(normal_best, dim=-1), albedo_best
 
 

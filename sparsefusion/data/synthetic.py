@@ -122,25 +122,26 @@ def render_canonical_rays(obj, o, d):
     foreground = torch.isfinite(t_obj)
 
     height = 0.5 + 0.5 * F.normalize(d, dim=-1)[:, 1]
-    colors = obj.backdrop_colors.to(o.dtype)
+    colors = obj.backdrop_colors.to(o)
     rgb = colors[0] + (colors[1] - colors[0]) * height[:, None]
     tiles = torch.floor(floor_point[:, [0, 2]] * 2.5 / obj.radius).sum(-1).remainder(2)[:, None]
-    floor_albedo = obj.floor_colors[0].to(o.dtype) * (1 - tiles) + obj.floor_colors[1].to(o.dtype) * tiles
-    up = torch.tensor([0.0, 1.0, 0.0], dtype=o.dtype).expand_as(o)
-    light = obj.light.to(o.dtype)
+    floor_albedo = obj.floor_colors[0].to(o) * (1 - tiles) + obj.floor_colors[1].to(o) * tiles
+    up = torch.tensor([0.0, 1.0, 0.0], dtype=o.dtype, device=o.device).expand_as(o)
+    light = obj.light.to(o)
     rgb = torch.where(torch.isfinite(t_floor)[:, None], shade(floor_albedo, up, light), rgb)
     rgb = torch.where(foreground[:, None], shade(albedo.to(o.dtype), normal, light), rgb)
     return rgb.clamp(0.0, 1.0), foreground
 
 
-def render_views(obj, cameras, world_rotation, world_offset, supersample=2):
+def render_views(obj, cameras, world_rotation, world_offset, supersample=2, device="cpu"):
     """Return (images (N, 3, H, W), masks (N, 1, H, W)) in [0, 1] of world cameras (N), all one size.
 
     Each pixel averages supersample² rays through its sub-pixel centres, so edges are soft and the
-    mask is the fraction of the pixel the object covers.
+    mask is the fraction of the pixel the object covers. The rays are traced on device (results on
+    the CPU); a device's results are deterministic, other devices' differ by float rounding.
     """
     with single_thread():
-        return _render_views(obj, cameras, world_rotation, world_offset, supersample)
+        return _render_views(obj, cameras, world_rotation, world_offset, supersample, torch.device(device))
 
 
 @contextmanager
@@ -155,19 +156,19 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def _render_views(obj, cameras, world_rotation, world_offset, supersample):
+def _render_views(obj, cameras, world_rotation, world_offset, supersample, device):
     height, width = (int(v) for v in cameras.image_size[0])
     xy = ndc_grid_xy(width * supersample, height * supersample, dtype=torch.float64)
     images, masks = [], []
     for i in range(len(cameras)):
         bundle = rays_from_xy(cameras[i].to(torch.float64), xy[None], 1.0, 1.0, 1)
         # float64 for the change of frame, float32 for tracing: ample for unit-size objects
-        o = ((bundle.origins.reshape(-1, 3) - world_offset) @ world_rotation.T).float()
-        d = (bundle.directions.reshape(-1, 3) @ world_rotation.T).float()
+        o = ((bundle.origins.reshape(-1, 3) - world_offset) @ world_rotation.T).float().to(device)
+        d = (bundle.directions.reshape(-1, 3) @ world_rotation.T).float().to(device)
         rgb, foreground = render_canonical_rays(obj, o, d)
         grid = torch.cat([rgb, foreground[:, None].to(rgb.dtype)], dim=-1)
         grid = grid.reshape(height * supersample, width * supersample, 4).permute(2, 0, 1)
-        pooled = F.avg_pool2d(grid[None], supersample)[0]
+        pooled = F.avg_pool2d(grid[None], supersample)[0].cpu()
         images.append(pooled[:3])
         masks.append(pooled[3:])
     return torch.stack(images).float(), torch.stack(masks).float()
@@ -219,10 +220,11 @@ def synthetic_layout(category, seed, n_views=8, image_hw=(150, 200), n_points=20
                        points=points)
 
 
-def render_synthetic_scene(category, seed, n_views=8, image_hw=(150, 200), supersample=2, n_points=2000):
-    """Return a SyntheticScene of a category drawn from seed: n_views views of image_hw = (H, W)."""
+def render_synthetic_scene(category, seed, n_views=8, image_hw=(150, 200), supersample=2, n_points=2000, device="cpu"):
+    """Return a SyntheticScene of a category drawn from seed: n_views views of image_hw = (H, W), traced on device."""
     layout = synthetic_layout(category, seed, n_views, image_hw, n_points)
-    images, masks = render_views(layout.obj, layout.cameras, layout.world_rotation, layout.world_offset, supersample)
+    images, masks = render_views(layout.obj, layout.cameras, layout.world_rotation, layout.world_offset, supersample,
+                                 device)
     return SyntheticScene(category=category, cameras=layout.cameras.to(torch.float32), images=images, masks=masks,
                           points=layout.points.float(), image_hw=tuple(image_hw))
 
@@ -277,10 +279,12 @@ def to_uint8(image):
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
-def write_scene(root, category, index, seed, n_frames, image_hw, intrinsics_format, frame_type, supersample):
+def write_scene(root, category, index, seed, n_frames, image_hw, intrinsics_format, frame_type, supersample,
+                device="cpu"):
     """Render scene index of a category, write its JPGs and mask PNGs; return its frame annotations."""
     name = sequence_name(seed, category, index)
-    scene = render_synthetic_scene(category, scene_seed(seed, category, index), n_frames, image_hw, supersample)
+    scene = render_synthetic_scene(category, scene_seed(seed, category, index), n_frames, image_hw, supersample,
+                                   device=device)
     frames = []
     for k in range(n_frames):
         image_path = f"{category}/{name}/images/frame{k + 1:06d}.jpg"
@@ -336,13 +340,14 @@ def _write_scene_task(task):
 
 def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames=32, seed=0,
                      image_sizes=((150, 200), (240, 160)), eval_scenes=None, supersample=2, show_progress=True,
-                     workers=1):
+                     workers=1, device="cpu"):
     """Write a synthetic dataset in the CO3Dv2 layout under root; return a summary dict.
 
     Scene i of a category uses image_sizes[i % len] and stores its intrinsics as
     INTRINSICS_FORMATS[i % 2] (both CO3D formats get exercised). The last eval_scenes scenes of each
     category (default: half, rounded up) are the evaluation sequences (fewview_dev/test "test").
-    Scenes are rendered by `workers` processes; the files are the same for any number of them.
+    Scenes are rendered by `workers` processes, traced on device ('cpu' or 'cuda'); the files are the
+    same for any number of workers (and differ between devices by float rounding).
     Annotations are written last and atomically, so a category with frame_annotations.jgz is complete.
     """
     unknown = [c for c in categories if c not in CATEGORY_BUILDERS]
@@ -356,7 +361,7 @@ def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames
     start = time.time()
     tasks = [(root, category, index, seed, frames, tuple(image_sizes[index % len(image_sizes)]),
               INTRINSICS_FORMATS[index % 2], "test_known" if index >= scenes - eval_scenes else "train_known",
-              supersample) for category in categories for index in range(scenes)]
+              supersample, device) for category in categories for index in range(scenes)]
     with tqdm(total=len(tasks), desc="rendering", unit="scene", disable=not show_progress) as progress:
         written = []
         for frames_of_scene in _map(_write_scene_task, tasks, workers):
@@ -419,11 +424,12 @@ def main(argv=None):
                         help="evaluation scenes per category (default: half of --scenes, rounded up)")
     parser.add_argument("--supersample", type=int, default=2, help="rays per pixel side (antialiasing)")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering scenes in parallel (default: 1)")
+    parser.add_argument("--device", default="cpu", help="where rays are traced: cpu or cuda (default: cpu)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
         summary = generate_dataset(args.root, args.categories, args.scenes, args.frames, args.seed,
                                    [parse_image_size(s) for s in args.image_sizes], args.eval_scenes,
-                                   args.supersample, workers=args.workers)
+                                   args.supersample, workers=args.workers, device=args.device)
         print(json.dumps(summary, indent=2))
 
 
