@@ -135,6 +135,7 @@ def run_category(rank, config, category, out_dir):
     from sparsefusion.distributed import split_list
     from sparsefusion.models import load_models
     from sparsefusion.reconstruct import reconstruct_scene, summary_line
+    from sparsefusion.report import update_run_page
 
     models = load_models(category, config, rank.device)
     config = with_image_size(config, models.image_size, models.latent_stride)
@@ -152,12 +153,15 @@ def run_category(rank, config, category, out_dir):
                                                        dynamic_ncols=True, disable=None))
         tqdm.write(summary_line(record))
         records.append(record)
+        if rank.is_main:
+            update_run_page(out_dir, running=True)
     return records
 
 
 def worker(rank, config):
     from sparsefusion.evaluation import mean_over_scenes
     from sparsefusion.outputs import write_json
+    from sparsefusion.report import update_run_page
 
     with exit_on_user_error():
         out_dir = Path(config.output)
@@ -168,6 +172,7 @@ def worker(rank, config):
         if rank.is_main:
             path = out_dir / "summary.json"
             write_json({"scenes": gathered, "mean": mean_over_scenes(gathered) if gathered else None}, path)
+            update_run_page(out_dir)
             print(f"{len(gathered)} scene(s) done; summary in {path}")
 
 

@@ -1,6 +1,7 @@
 """Reconstruct one scene: choose input views, distill, render, score and write upstream's outputs.
 
 Files under the output folder, for scene sequence name {seq} = {category}_{index:03d}_c{views}:
+  log/{seq}_inputs.jpg          the input views, side by side
   log/{seq}_eft_grid.jpg        EFT images of the scene's cameras, 8 per row
   log/{seq}_loss.jpg            context-view losses; log/{seq}_fusionloss.jpg the fusion loss
   log/{seq}_vis.jpg             the latest preview: render | silhouette
@@ -62,6 +63,7 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
 
     gt, ours, eft = hwc(scene.images), hwc(images), hwc(eft_images)
     gt_masks, our_masks = hwc(scene.masks), hwc(silhouettes)
+    write_image(side_by_side([gt[i] for i in extra["input_views"]]), out_dir / "log" / f"{label}_inputs.jpg")
     for i in range(n_views):
         write_image(side_by_side([gt[i], ours[i]]), out_dir / "render_imgs" / label / f"{i:03d}.jpg")
     write_gif([side_by_side([gt[i], eft[i], ours[i], gt_masks[i], our_masks[i]]) for i in range(n_views)],

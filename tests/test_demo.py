@@ -63,10 +63,10 @@ def run(setup):
 def test_every_output_is_written(run):
     out, record = run
     label = "hydrant_000_c2"
-    expected = [f"log/{label}_eft_grid.jpg", f"log/{label}_loss.jpg", f"log/{label}_fusionloss.jpg",
-                f"log/{label}_vis.jpg", f"render_gifs/{label}.gif", f"render_gifs/{label}_circle.gif",
-                f"metrics/{label}.txt", f"metrics/{label}.json", f"meshes/{label}.ply", f"{label}.pt",
-                "summary.json"]
+    expected = [f"log/{label}_inputs.jpg", f"log/{label}_eft_grid.jpg", f"log/{label}_loss.jpg",
+                f"log/{label}_fusionloss.jpg", f"log/{label}_vis.jpg", f"render_gifs/{label}.gif",
+                f"render_gifs/{label}_circle.gif", f"metrics/{label}.txt", f"metrics/{label}.json",
+                f"meshes/{label}.ply", f"{label}.pt", "summary.json", "index.html"]
     for name in expected:
         assert (out / name).is_file(), name
     n_views = record["n_views"]
@@ -78,6 +78,10 @@ def test_every_output_is_written(run):
     assert [s["sequence"] for s in summary["scenes"]] == [label]
     nerf = torch.load(out / f"{label}.pt", weights_only=True)["model_state_dict"]
     assert "encoder.embeddings" in nerf
+    page = (out / "index.html").read_text()  # the run page, final: no reloading
+    assert "run finished" in page and f'src="render_gifs/{label}.gif"' in page
+    strip = imageio.imread(out / "log" / f"{label}_inputs.jpg")
+    assert strip.shape[:2] == (SIZE, 2 * SIZE)  # the two input views side by side
 
 
 def test_gifs_have_the_frame_counts_and_panels(run):
@@ -143,6 +147,8 @@ def test_two_processes_split_the_scenes_and_rank_0_summarises(setup, monkeypatch
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(s["sequence"] for s in summary["scenes"]) == ["hydrant_000_c2", "hydrant_001_c2"]
     assert (out / "render_gifs" / "hydrant_001_c2.gif").is_file() and (out / "hydrant_000_c2.pt").is_file()
+    page = (out / "index.html").read_text()  # rank 0's last page shows rank 1's scene too
+    assert 'href="#scene-hydrant_000_c2"' in page and 'href="#scene-hydrant_001_c2"' in page
 
 
 # ---------------------------------------------------------------------------------------------
