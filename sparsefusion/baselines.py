@@ -9,7 +9,7 @@ fourth (DistillConfig.method = 'inputs_only').
 
 import torch
 
-from sparsefusion.metrics import scene_metrics
+from sparsefusion.metrics import frame_means, scene_metrics
 
 BASELINES = ("eft", "vldm", "nearest_input")
 
@@ -47,13 +47,13 @@ def baseline_images(distillation, scene_images, generator=None):
 
 
 def baseline_metrics(distillation, scene_images, views, lpips_model=None, generator=None):
-    """Return {name: scene_metrics dict (means and per-frame) + 'views'} of the BASELINES at the given views.
+    """Return {name: {'novel_views': means, 'frames': per-frame metrics, 'views': views}} of the BASELINES.
 
-    Pass the novel views: at an input view the nearest input is the ground truth itself.
+    Pass the novel views (not the input views: there the nearest input is the ground truth itself).
     """
     images = baseline_images(distillation, scene_images, generator)
     scored = {}
     for name in BASELINES:
         result = scene_metrics(images[name][views].cpu(), scene_images[views].cpu(), lpips_model)
-        scored[name] = {**result, "views": list(views)}
+        scored[name] = {"novel_views": frame_means(result["frames"]), "frames": result["frames"], "views": list(views)}
     return scored

@@ -201,7 +201,8 @@ def test_baselines_are_scored_on_the_novel_views(ablation_with_baselines):
     assert set(record["baselines"]) == {"eft", "vldm", "nearest_input"}
     for name, result in record["baselines"].items():
         assert result["views"] == novel and len(result["frames"]) == len(novel)
-        assert np.isfinite(result["psnr"]) and 0 < result["ssim"] <= 1, name
+        means = result["novel_views"]
+        assert np.isfinite(means["psnr"]) and 0 < means["ssim"] <= 1, name
 
 
 def test_nearest_input_view_is_the_closest_viewing_direction():
