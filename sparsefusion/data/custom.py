@@ -27,7 +27,7 @@ from sparsefusion.data.crop import check_resize_mode, crop_and_resize, cropped_c
 from sparsefusion.data.nerfstudio import read_transforms_views
 from sparsefusion.data.scene import Scene
 from sparsefusion.data.scene_scale import DEFAULT_DISTANCE, co3d_like_normalization, normalized_cameras
-from sparsefusion.data.views import View, cameras_of_views, check_image_size, view_indices_by_name
+from sparsefusion.data.views import View, cameras_of_views, check_image_size, image_size, view_indices_by_name
 from sparsefusion.errors import UserError
 
 CAMERA_FORMATS = ("auto", "transforms", "colmap", "co3d")
@@ -164,7 +164,10 @@ def mask_candidates(view, image_dir, mask_dir):
 
 
 def read_mask(path, image_hw, where):
-    """Return a mask file as (1, H, W) foreground probability: 8-bit grey / 255, or a 0/1 label image as it is."""
+    """Return a mask file as (1, H, W) foreground probability: 8-bit grey / 255, a 0/1 label image as it is,
+    or the alpha channel of a cut-out (a transparent RGBA file)."""
+    if image_size(path, where)[1]:
+        return read_image(path, "RGBA", image_hw, f"{where}: mask")[3:]
     mask = read_image(path, "L", image_hw, f"{where}: mask")
     if 0 < mask.max() <= 1.0 / 255 + 1e-6:  # values 0 and 1: a label image, not a grey one
         mask = (mask > 0).to(mask.dtype)
@@ -237,15 +240,15 @@ class CustomDataset(torch.utils.data.Dataset):
         return view_subset(len(views), self.config.max_views, required)
 
     def mask_sources(self, views):
-        """Return each view's mask: a path, 'alpha' (the image's alpha channel) or None; all or none have one."""
+        """Return each view's mask: a path, 'alpha' (a transparent image's alpha channel) or None; all or none have one."""
         sources, missing = [], []
         for view in views:
-            has_alpha = check_image_size(view)
+            transparent = check_image_size(view)
             tried = mask_candidates(view, self.image_dir, self.mask_dir)
             path = existing(*tried)
             if view.mask_path is not None and not view.mask_path.is_file():
                 raise UserError(f"{view.where}: its mask {view.mask_path} is missing")
-            sources.append(path if path is not None else ("alpha" if has_alpha else None))
+            sources.append(path if path is not None else ("alpha" if transparent else None))
             if sources[-1] is None:
                 missing.append((view, tried))
         if missing and (len(missing) < len(views) or self.mask_dir is not None):

@@ -29,7 +29,10 @@ class View:
 
 
 def image_size(path, where):
-    """Return ((H, W), has_alpha) of an image file from its header; UserError naming where if missing or unreadable."""
+    """Return ((H, W), transparent) of an image file; UserError naming where if missing or unreadable.
+
+    transparent: the image has an alpha channel that is not opaque everywhere (a cut-out).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{where}: image not found: {path}; camera files name images relative to the scene "
@@ -37,19 +40,20 @@ def image_size(path, where):
     try:
         with Image.open(path) as image:
             width, height = image.size
-            return (height, width), "A" in image.getbands()
+            transparent = "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255
+            return (height, width), transparent
     except OSError as err:
         raise UserError(f"{where}: image {path} is unreadable ({err})") from err
 
 
 def check_image_size(view):
-    """Return (has_alpha) of view's image after checking its size against the camera's; UserError on a mismatch."""
-    actual, has_alpha = image_size(view.image_path, view.where)
+    """Return whether view's image is transparent (image_size) after checking its size against the camera's."""
+    actual, transparent = image_size(view.image_path, view.where)
     if tuple(actual) != tuple(view.image_hw):
         raise UserError(f"{view.where}: image {view.image_path} is {actual[1]}x{actual[0]} (WxH) but its camera "
                         f"is for {view.image_hw[1]}x{view.image_hw[0]}; use the images the cameras were made for "
                         f"(not a downscaled copy)")
-    return has_alpha
+    return transparent
 
 
 def cameras_of_views(views: List[View]):
