@@ -16,6 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import demo
+from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from external.imagen_unet import UnetConfig
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.data import load_dataset
 from sparsefusion.data.co3d import CO3DConfig, CO3DDataset
@@ -27,7 +30,10 @@ from sparsefusion.data.scene_scale import axes_meeting_point, co3d_like_normaliz
 from sparsefusion.data.synthetic import (SyntheticScene, generate_dataset, render_synthetic_scene, render_views,
                                          synthetic_layout)
 from sparsefusion.data.views import cameras_of_views, view_indices_by_name
+from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
+from sparsefusion.vae import save_vae
+from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
 
 N_VIEWS = 6
 
@@ -331,7 +337,7 @@ def test_without_masks_the_whole_image_is_foreground(scenes, tmp_path):
     assert torch.equal(loaded.images, loaded.images_full)
 
 
-def test_alpha_channel_and_label_masks(scenes, tmp_path):
+def test_alpha_channels_and_label_masks(scenes, tmp_path):
     scene = scenes["per_frame"]
     export(tmp_path / "rgba", scene, "colmap_text", shared=False, masks=False)
     for k, (image, mask) in enumerate(zip(scene.images, scene.masks)):
@@ -340,10 +346,19 @@ def test_alpha_channel_and_label_masks(scenes, tmp_path):
     (tmp_path / "label" / "masks").mkdir()
     for k, mask in enumerate(scene.masks):
         iio.imwrite(tmp_path / "label" / "masks" / f"frame_{k:02d}.png", (mask[0] > 0.5).numpy().astype(np.uint8))
-    with_alpha, labels = custom(tmp_path / "rgba")[0], custom(tmp_path / "label")[0]
-    assert with_alpha.has_masks and labels.has_masks
+    export(tmp_path / "cutout", scene, "colmap_text", shared=False, masks=False)
+    (tmp_path / "cutout" / "masks").mkdir()
+    for k, (image, mask) in enumerate(zip(scene.images, scene.masks)):  # rembg-style RGBA cut-outs as masks
+        iio.imwrite(tmp_path / "cutout" / "masks" / f"frame_{k:02d}.png", uint8(torch.cat([image * mask, mask])))
+    export(tmp_path / "opaque", scene, "colmap_text", shared=False, masks=False)
+    for k, image in enumerate(scene.images):  # an alpha channel that is opaque everywhere is no mask
+        iio.imwrite(tmp_path / "opaque" / "images" / f"frame_{k:02d}.png", uint8(torch.cat([image, torch.ones_like(image[:1])])))
+    with_alpha, labels, cutouts = (custom(tmp_path / name)[0] for name in ("rgba", "label", "cutout"))
+    assert with_alpha.has_masks and labels.has_masks and cutouts.has_masks
+    assert not custom(tmp_path / "opaque")[0].has_masks
     assert (labels.masks.unique() == torch.tensor([0.0, 1.0])).all()
     assert (with_alpha.masks - labels.masks).abs().mean() < 0.05
+    assert torch.equal(with_alpha.masks, cutouts.masks)
 
 
 def test_view_subset_and_names():
@@ -551,3 +566,68 @@ def test_pycolmap_reads_the_same_poses(scenes, tmp_path, binary):
         camera = reconstruction.cameras[by_name[view.name].camera_id]
         assert torch.allclose(view.focal_px, torch.tensor([camera.focal_length_x, camera.focal_length_y],
                                                           dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# demo.py on an exported scene
+# ---------------------------------------------------------------------------------------------
+
+SIZE = 32
+SMALL_RUN = ["--image_size", str(SIZE), "--iterations", "6", "--fusion_start", "5", "--train_rays", "16",
+             "--circle_cameras", "2", "--turntable_frames", "2", "--num_steps", "6", "--upsample_steps", "6",
+             "--mesh_resolution", "16", "--mesh_threshold", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny EFT / VLDM / VAE checkpoints saved by our own modules; returns demo.py's flags for them."""
+    root = tmp_path_factory.mktemp("models")
+    eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
+    save_eft(eft, root / "eft.pt")
+    vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=16), image_size=SIZE // 8))
+    vldm.save_checkpoint(root / "vldm.pt", 0, *training_optimizer(vldm))
+    save_vae(AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)),
+             root / "vae.ckpt")
+    return ["-e", str(root / "eft.pt"), "-l", str(root / "vldm.pt"), "-a", str(root / "vae.ckpt"), *SMALL_RUN]
+
+
+def run_demo(folder, out, models, *extra):
+    """Run demo.py -d custom on folder; return the scene's metrics record."""
+    demo.main(["-d", "custom", "-r", str(folder), "-c", "hydrant", "-o", str(out), *models, *extra])
+    (record,) = [json.loads(p.read_text()) for p in (out / "metrics").glob("*.json")]
+    return record
+
+
+def test_demo_reconstructs_an_exported_scene_from_named_views(scenes, models, tmp_path, capsys):
+    folder = export(tmp_path / "my_scene", scenes["per_frame"], "transforms", shared=False)
+    record = run_demo(folder, tmp_path / "out", models, "--input_names", "frame_01,images/frame_04.png")
+    assert record["sequence"] == "hydrant_000_c2" and record["source_sequence"] == "my_scene"
+    assert record["input_views"] == [1, 4] and record["n_views"] == N_VIEWS
+    assert record["config"]["silhouette_weight"] == 1.0
+    assert (tmp_path / "out" / "render_gifs" / "hydrant_000_c2.gif").is_file()
+    assert "mask" not in capsys.readouterr().err
+
+
+def test_demo_runs_without_masks_with_the_silhouette_terms_off(scenes, models, tmp_path, capsys):
+    folder = export(tmp_path / "bare", scenes["shared"], "colmap_binary", shared=True, masks=False)
+    record = run_demo(folder, tmp_path / "out", models, "--input_index", "0,2,5")
+    assert record["sequence"] == "hydrant_000_c3" and record["input_views"] == [0, 2, 5]
+    assert record["config"]["silhouette_weight"] == 0.0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "mask" in line]
+    assert len(warnings) == 1 and "no foreground masks" in warnings[0] and "silhouette terms are off" in warnings[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input_names", "frame_09"], "has no view named 'frame_09'"),
+    (["--input_index", "0,7"], "input_index 0,7 is out of range: scene my_scene has 6 views"),
+    (["--input_index", "1", "--input_names", "frame_00"], "by input_names or by input_index, not both"),
+    (["custom.normalize=unit"], "custom.normalize must be one of"),
+    (["-r", "nowhere"], "custom scene folder not found: nowhere"),
+])
+def test_demo_bad_custom_input_fails_with_one_line(scenes, models, tmp_path, capsys, extra, message):
+    folder = export(tmp_path / "my_scene", scenes["per_frame"], "transforms", shared=False)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["-d", "custom", "-r", str(folder), "-c", "hydrant", "-o", str(tmp_path / "out"), *models, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
