@@ -96,8 +96,7 @@ def open_dataset(config, category):
 
     options = {} if config.dataset_name == "co3d_toy" else {"image_size": config.image_size or 256}
     if config.dataset_name == "custom":  # the named input views stay among the scene's views
-        names = tuple(n for n in config.input_names.split(",") if n)
-        options.update(asdict(config.custom), include=names)
+        options.update(asdict(config.custom), include=tuple(config.chosen_inputs[0]))
     return load_dataset(config.dataset_name, config.dataset_root, category, **options)
 
 
@@ -132,7 +131,7 @@ def preflight(config):
                             f"(0..{len(dataset) - 1})")
         scene = dataset[indices[0]]
         n_views = len(scene.images)
-        chosen = chosen_input_views(scene, config.input_names, config.input_index)
+        chosen = chosen_input_views(scene, *config.chosen_inputs)
         if chosen is None and config.input_views > n_views:
             raise UserError(f"-v/--input_views {config.input_views} is more than the {n_views} views of "
                             f"{category} scene {indices[0]}")
@@ -160,7 +159,7 @@ def run_category(rank, config, category, out_dir):
         record = reconstruct_scene(
             models, scene, scene_index, config.input_views, config.distill, out_dir, rank.device,
             seed=config.seed, mesh_threshold=config.mesh_threshold, mesh_resolution=config.mesh_resolution,
-            baselines=config.baselines, inputs=chosen_input_views(scene, config.input_names, config.input_index),
+            baselines=config.baselines, inputs=chosen_input_views(scene, *config.chosen_inputs),
             progress_factory=lambda total, label: tqdm(total=total, desc=label, position=rank.local_rank,
                                                        dynamic_ncols=True, disable=None))
         tqdm.write(summary_line(record))

@@ -83,6 +83,11 @@ class DemoConfig:
     def categories(self):
         return expand_categories(self.category)
 
+    @property
+    def chosen_inputs(self):
+        """Return (names, indices): input_names and input_index as lists, [] where not given."""
+        return [n.strip() for n in self.input_names.split(",") if n.strip()], parse_view_index(self.input_index)
+
 
 def parse_indices(text):
     """Return the scene indices of -i, e.g. '0,5,7' -> [0, 5, 7]."""

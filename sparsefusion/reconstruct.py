@@ -35,26 +35,26 @@ def input_views(n_views, scene_index, count, seed=0):
     return torch.randperm(n_views, generator=generator)[:count].tolist()
 
 
-def chosen_input_views(scene, names="", index=""):
-    """Return the input view indices a user chose by image names or by view indices (comma-separated), or None.
+def chosen_input_views(scene, names=(), index=()):
+    """Return the input view indices a user chose by image names or by view indices, or None for neither.
 
     names match a view's image name, file name or stem (Scene.frame_names); UserError for an unknown
-    name or index, or a view named twice.
+    name, an index out of range, or a view chosen twice.
     """
     if names:
         if scene.frame_names is None:
-            raise UserError(f"input_names needs views with names (-d custom); this scene's views have none: "
-                            f"use input_index")
-        chosen = view_indices_by_name(scene.frame_names, names.split(","), f"scene {scene.sequence_name}")
+            raise UserError("input_names needs views with names (-d custom); this scene's views have none: "
+                            "use input_index")
+        chosen = view_indices_by_name(scene.frame_names, names, f"scene {scene.sequence_name}")
     elif index:
-        chosen = [int(i) for i in str(index).split(",")]
+        chosen = list(index)
         if max(chosen) >= len(scene.images):
-            raise UserError(f"input_index {index} is out of range: scene {scene.sequence_name} has "
-                            f"{len(scene.images)} views (0..{len(scene.images) - 1})")
+            raise UserError(f"input_index {','.join(map(str, chosen))} is out of range: scene {scene.sequence_name} "
+                            f"has {len(scene.images)} views (0..{len(scene.images) - 1})")
     else:
         return None
     if len(set(chosen)) != len(chosen):
-        raise UserError(f"the input views {names or index} name a view twice")
+        raise UserError(f"the input views {','.join(map(str, names or index))} choose a view twice")
     return chosen
 
 

@@ -32,6 +32,7 @@ from sparsefusion.data.synthetic import (SyntheticScene, generate_dataset, rende
 from sparsefusion.data.views import cameras_of_views, view_indices_by_name
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
+from sparsefusion.reconstruct import chosen_input_views
 from sparsefusion.vae import save_vae
 from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
 
@@ -621,6 +622,8 @@ def test_demo_runs_without_masks_with_the_silhouette_terms_off(scenes, models, t
     (["--input_names", "frame_09"], "has no view named 'frame_09'"),
     (["--input_index", "0,7"], "input_index 0,7 is out of range: scene my_scene has 6 views"),
     (["--input_index", "1", "--input_names", "frame_00"], "by input_names or by input_index, not both"),
+    (["--input_index", "2,2"], "the input views 2,2 choose a view twice"),
+    (["--input_index", "1,-2"], "input_index '1,-2' has a negative index"),
     (["custom.normalize=unit"], "custom.normalize must be one of"),
     (["-r", "nowhere"], "custom scene folder not found: nowhere"),
 ])
@@ -631,3 +634,10 @@ def test_demo_bad_custom_input_fails_with_one_line(scenes, models, tmp_path, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_input_views_by_index_work_for_any_dataset_and_names_need_named_views(scenes):
+    unnamed = scenes["per_frame"].to_scene()                      # a scene without frame_names, as CO3D's
+    assert chosen_input_views(unnamed, [], [4, 1]) == [4, 1] and chosen_input_views(unnamed) is None
+    with pytest.raises(UserError, match="input_names needs views with names"):
+        chosen_input_views(unnamed, ["frame_01"])
