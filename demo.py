@@ -5,6 +5,7 @@
     python demo.py -d co3d_toy -c hydrant -i 0,5,7 -v 3   # scenes 0, 5 and 7 from 3 input views
     python demo.py -d synthetic -c hydrant -i 0,1 -g 2    # two GPUs, one scene each
     python demo.py --mini distill.iterations=600 idx=3    # any DemoConfig field as key=value
+    python demo.py -d custom -r my_scene -c hydrant --input_names IMG_01,IMG_07   # your own scene (docs/data.md)
 
 Settings, lowest priority first: DemoConfig's defaults (upstream's demo), the --config YAML (--mini
 is configs/mini_demo.yaml), the flags, then key=value overrides. Outputs go to output/demo/ (see
@@ -13,6 +14,7 @@ sparsefusion/reconstruct.py for the files).
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from sparsefusion.errors import UserError, exit_on_user_error
@@ -23,6 +25,7 @@ MINI_CONFIG = Path(__file__).resolve().parent / "configs" / "mini_demo.yaml"
 FLAG_FIELDS = {
     "gpus": "gpus", "port": "port", "dataset_name": "dataset_name", "root": "root", "category": "category",
     "input_views": "input_views", "idx": "idx", "eft": "eft", "vldm": "vldm", "vae": "vae", "output": "output",
+    "input_names": "input_names", "input_index": "input_index",
     "seed": "seed", "image_size": "image_size", "precision": "precision", "eft_mode": "eft_mode", "unet": "unet",
     "vgg_weights": "vgg_weights", "mesh_threshold": "mesh_threshold", "mesh_resolution": "mesh_resolution",
     "method": "distill.method", "iterations": "distill.iterations", "fusion_start": "distill.fusion_start",
@@ -41,10 +44,13 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("-g", "--gpus", type=int, help="number of GPUs (processes) to use (default: 1)")
     add("-p", "--port", type=int, help="last digit of the DDP port 1234p (default: 1)")
-    add("-d", "--dataset_name", help="dataset: co3d, co3d_toy or synthetic (default: co3d_toy)")
-    add("-r", "--root", help="dataset root (default: data/{dataset_name})")
+    add("-d", "--dataset_name", help="dataset: co3d, co3d_toy, synthetic, or custom: your own scene folder "
+                                     "(default: co3d_toy)")
+    add("-r", "--root", help="dataset root, or the scene folder of -d custom (default: data/{dataset_name})")
     add("-c", "--category", help="CO3D category, comma-separated categories, 'all_ten' or 'all' (required)")
     add("-v", "--input_views", type=int, help="number of random input views (default: 2)")
+    add("--input_names", help="the input views by image name (path, file name or stem), comma-separated; overrides -v")
+    add("--input_index", help="the input views by index into the scene's views, comma-separated; overrides -v")
     add("-i", "--idx", help="scene indices to evaluate, e.g. 0,5,7 (default: 0)")
     add("-e", "--eft", help="EFT checkpoint (default: checkpoints/sf/{category}/ckpt_latest_eft.pt)")
     add("-l", "--vldm", help="VLDM checkpoint (default: checkpoints/sf/{category}/ckpt_latest.pt)")
@@ -89,6 +95,8 @@ def open_dataset(config, category):
     from sparsefusion.data import load_dataset
 
     options = {} if config.dataset_name == "co3d_toy" else {"image_size": config.image_size or 256}
+    if config.dataset_name == "custom":  # the named input views stay among the scene's views
+        options.update(asdict(config.custom), include=tuple(config.chosen_inputs[0]))
     return load_dataset(config.dataset_name, config.dataset_root, category, **options)
 
 
@@ -113,6 +121,7 @@ def preflight(config):
     """Raise UserError for a missing dataset or checkpoint, an index out of range or too many input views."""
     from sparsefusion.demo_config import parse_indices
     from sparsefusion.models import check_checkpoints
+    from sparsefusion.reconstruct import chosen_input_views
 
     indices = parse_indices(config.idx)
     for category in config.categories:
@@ -120,8 +129,10 @@ def preflight(config):
         if max(indices) >= len(dataset):
             raise UserError(f"-i/--idx {max(indices)} is out of range: {category} has {len(dataset)} scenes "
                             f"(0..{len(dataset) - 1})")
-        n_views = len(dataset[indices[0]].images)
-        if config.input_views > n_views:
+        scene = dataset[indices[0]]
+        n_views = len(scene.images)
+        chosen = chosen_input_views(scene, *config.chosen_inputs)
+        if chosen is None and config.input_views > n_views:
             raise UserError(f"-v/--input_views {config.input_views} is more than the {n_views} views of "
                             f"{category} scene {indices[0]}")
         check_checkpoints(category, config)
@@ -134,7 +145,7 @@ def run_category(rank, config, category, out_dir):
     from sparsefusion.demo_config import parse_indices, with_image_size
     from sparsefusion.distributed import split_list
     from sparsefusion.models import load_models
-    from sparsefusion.reconstruct import reconstruct_scene, summary_line
+    from sparsefusion.reconstruct import chosen_input_views, reconstruct_scene, summary_line
     from sparsefusion.report import update_run_page
 
     models = load_models(category, config, rank.device)
@@ -145,10 +156,11 @@ def run_category(rank, config, category, out_dir):
     dataset = open_dataset(config, category)
     records = []
     for scene_index in split_list(parse_indices(config.idx), rank.world_size)[rank.rank]:
+        scene = dataset[scene_index]
         record = reconstruct_scene(
-            models, dataset[scene_index], scene_index, config.input_views, config.distill, out_dir, rank.device,
+            models, scene, scene_index, config.input_views, config.distill, out_dir, rank.device,
             seed=config.seed, mesh_threshold=config.mesh_threshold, mesh_resolution=config.mesh_resolution,
-            baselines=config.baselines,
+            baselines=config.baselines, inputs=chosen_input_views(scene, *config.chosen_inputs),
             progress_factory=lambda total, label: tqdm(total=total, desc=label, position=rank.local_rank,
                                                        dynamic_ncols=True, disable=None))
         tqdm.write(summary_line(record))

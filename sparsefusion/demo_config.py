@@ -15,7 +15,8 @@ from typing import List
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparsefusion.data import CO3D_ALL_CATEGORIES, DATASET_NAMES, expand_categories
+from sparsefusion.data import CO3D_ALL_CATEGORIES, SCENE_SOURCES, expand_categories
+from sparsefusion.data.custom import CustomOptions, check_custom_options
 from sparsefusion.distill import METHODS, DistillConfig
 from sparsefusion.errors import UserError
 
@@ -40,11 +41,13 @@ class DemoConfig:
     """Everything demo.py does; the defaults are upstream's demo."""
 
     # what to reconstruct
-    dataset_name: str = "co3d_toy"       # 'co3d' | 'co3d_toy' | 'synthetic' (-d)
-    root: str = ""                       # dataset folder (-r); '' = data/{dataset_name}
+    dataset_name: str = "co3d_toy"       # 'co3d' | 'co3d_toy' | 'synthetic' | 'custom': your own scene folder (-d)
+    root: str = ""                       # dataset folder, or the scene folder of 'custom' (-r); '' = data/{dataset_name}
     category: str = "???"                # a category, comma-separated categories, 'all_ten' or 'all' (-c), required
     idx: str = "0"                       # scene indices, comma-separated (-i)
     input_views: int = 2                 # random input views per scene (-v)
+    input_names: str = ""                # or these input views: image names (path, file name or stem), comma-separated
+    input_index: str = ""                # or these input views: indices into the scene's views, comma-separated
     seed: int = 0                        # input views are a permutation seeded by seed + scene index
 
     # models (''= the default location: checkpoints/sf/{category}/..., checkpoints/sd/sd-v1-3-vae.ckpt)
@@ -68,6 +71,7 @@ class DemoConfig:
     mesh_threshold: float = 10.0         # density threshold of the exported mesh
     mesh_resolution: int = 256           # marching-cubes grid size of the mesh
 
+    custom: CustomOptions = field(default_factory=CustomOptions)  # how -d custom reads its folder (docs/data.md)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -78,6 +82,11 @@ class DemoConfig:
     @property
     def categories(self):
         return expand_categories(self.category)
+
+    @property
+    def chosen_inputs(self):
+        """Return (names, indices): input_names and input_index as lists, [] where not given."""
+        return [n.strip() for n in self.input_names.split(",") if n.strip()], parse_view_index(self.input_index)
 
 
 def parse_indices(text):
@@ -91,14 +100,29 @@ def parse_indices(text):
     return indices
 
 
+def parse_view_index(text):
+    """Return the view indices of input_index, e.g. '0,4' -> [0, 4] ('' -> [])."""
+    try:
+        indices = [int(part) for part in str(text).split(",")] if str(text).strip() else []
+    except ValueError:
+        raise UserError(f"input_index {text!r} is invalid; use comma-separated view indices such as 0,4") from None
+    if any(i < 0 for i in indices):
+        raise UserError(f"input_index {text!r} has a negative index; view indices start at 0")
+    return indices
+
+
 def check_demo_config(config):
     """Raise UserError naming the first setting that cannot work, and a value that can."""
-    choices = {"dataset_name": DATASET_NAMES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS}
+    choices = {"dataset_name": SCENE_SOURCES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
     if config.input_views < 1:
         raise UserError(f"-v/--input_views must be at least 1, got {config.input_views}")
+    if config.input_names and config.input_index:
+        raise UserError("give the input views by input_names or by input_index, not both")
+    parse_view_index(config.input_index)
+    check_custom_options(config.custom)
     distill = config.distill
     if distill.method not in METHODS:
         raise UserError(f"distill.method must be one of {list(METHODS)}, got {distill.method!r}")

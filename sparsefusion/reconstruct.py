@@ -16,7 +16,7 @@ Files under the output folder, for scene sequence name {seq} = {category}_{index
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -25,6 +25,7 @@ from sparsefusion.distill import Distillation, run_distillation
 from sparsefusion.errors import UserError
 from sparsefusion.mesh import export_mesh
 from sparsefusion.baselines import baseline_metrics
+from sparsefusion.data.views import view_indices_by_name
 from sparsefusion.metrics import frame_means, scene_metrics
 from sparsefusion.outputs import image_grid, plot_losses, side_by_side, write_gif, write_image, write_json, write_text
 
@@ -33,6 +34,29 @@ def input_views(n_views, scene_index, count, seed=0):
     """Return the input view indices of a scene: the first count of a permutation seeded by seed + scene_index."""
     generator = torch.Generator().manual_seed(seed + scene_index)
     return torch.randperm(n_views, generator=generator)[:count].tolist()
+
+
+def chosen_input_views(scene, names=(), index=()):
+    """Return the input view indices a user chose by image names or by view indices, or None for neither.
+
+    names match a view's image name, file name or stem (Scene.frame_names); UserError for an unknown
+    name, an index out of range, or a view chosen twice.
+    """
+    if names:
+        if scene.frame_names is None:
+            raise UserError("input_names needs views with names (-d custom); this scene's views have none: "
+                            "use input_index")
+        chosen = view_indices_by_name(scene.frame_names, names, f"scene {scene.sequence_name}")
+    elif index:
+        chosen = list(index)
+        if max(chosen) >= len(scene.images):
+            raise UserError(f"input_index {','.join(map(str, chosen))} is out of range: scene {scene.sequence_name} "
+                            f"has {len(scene.images)} views (0..{len(scene.images) - 1})")
+    else:
+        return None
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"the input views {','.join(map(str, names or index))} choose a view twice")
+    return chosen
 
 
 def sequence_label(category, scene_index, n_inputs):
@@ -85,7 +109,7 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
 
 
 def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, device, seed=0,
-                      mesh_threshold=10.0, mesh_resolution=256, progress_factory=None, baselines=False):
+                      mesh_threshold=10.0, mesh_resolution=256, progress_factory=None, baselines=False, inputs=None):
     """Distill one scene and write its outputs; return its JSON record (metrics, inputs, timings).
 
     The record's psnr/ssim/lpips are upstream's means over every camera; 'novel_views' holds the means
@@ -93,12 +117,19 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     of the EFT images, VLDM samples and nearest input views (sparsefusion/baselines.py) on those.
 
     Args:
-        scene: a data.Scene (images (N, 3, S, S), masks, cameras).
+        scene: a data.Scene (images (N, 3, S, S), masks, cameras). Without masks (scene.has_masks
+            False) the silhouette terms are off: config.silhouette_weight = 0.
         progress_factory: callable(total, description) -> tqdm-like bar, or None.
+        inputs: the input view indices; None = the first n_inputs of a permutation seeded by seed + scene_index.
     """
     timings = {}
+    n_inputs = n_inputs if inputs is None else len(inputs)
     label = sequence_label(scene.category, scene_index, n_inputs)
-    inputs = input_views(len(scene.images), scene_index, n_inputs, seed)
+    inputs = input_views(len(scene.images), scene_index, n_inputs, seed) if inputs is None else list(inputs)
+    if not scene.has_masks and config.silhouette_weight:
+        print(f"warning: {label}: no foreground masks, so the silhouette terms are off and quality is lower; "
+              f"docs/data.md ('Masks') says how to make them", file=sys.stderr)
+        config = replace(config, silhouette_weight=0.0)
     generator = torch.Generator().manual_seed(seed + scene_index)
     device_generator = torch.Generator(device=device).manual_seed(seed + scene_index)
     scene = scene.to(device)

@@ -31,8 +31,7 @@ from PIL import Image
 
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.data.categories import expand_categories
-from sparsefusion.data.crop import (camera_scales, check_resize_mode, crop, crop_box, cropped_cameras,
-                                    foreground_box, pixel_to_ndc_intrinsics, resize_and_pad,
+from sparsefusion.data.crop import (check_resize_mode, crop_and_resize, cropped_cameras, pixel_to_ndc_intrinsics,
                                     valid_region_box)
 from sparsefusion.data.scene import Scene
 from sparsefusion.errors import UserError
@@ -318,23 +317,12 @@ def read_image(path, mode, expected_hw, what):
 
 
 def load_frame(root, frame, config):
-    """Return a frame cropped around its foreground and resized: image, mask, valid, box, scale.
-
-    image (3, S, S) and mask (1, S, S) in [0, 1] (bilinear and nearest resizing, as implicitron),
-    valid (1, S, S) the resized content, box (4,) the crop (x0, y0, x1, y1) in original pixels,
-    scale (2,) the camera's (x, y) scale from crop to output pixels.
-    """
+    """Return a frame cropped around its foreground and resized: crop.crop_and_resize's dict."""
     root = Path(root)
     mask = read_image(root / frame.mask_path, "L", frame.image_hw, "mask")
+    image = read_image(root / frame.image_path, "RGB", frame.image_hw, "image")
     try:
-        box = crop_box(foreground_box(mask, config.mask_threshold), frame.image_hw, config.box_crop_context)
+        return crop_and_resize(image, mask, (config.image_size, config.image_size), config.box_crop_context,
+                               config.mask_threshold, config.resize_mode)
     except ValueError as err:
         raise UserError(f"mask {root / frame.mask_path}: {err}") from err
-    out_hw = (config.image_size, config.image_size)
-    mask_mode = "nearest-exact" if config.resize_mode == "exact" else "nearest"
-    mask, _, _, _ = resize_and_pad(crop(mask, box), out_hw, mode=mask_mode)
-    image = crop(read_image(root / frame.image_path, "RGB", frame.image_hw, "image"), box)
-    crop_hw = image.shape[-2:]
-    image, scale, content_hw, valid = resize_and_pad(image, out_hw, mode="bilinear")
-    return {"image": image, "mask": mask, "valid": valid, "box": box,
-            "scale": camera_scales(scale, crop_hw, content_hw, config.resize_mode)}

@@ -151,6 +151,27 @@ def cropped_cameras(cameras, boxes, scales, out_hw):
                               principal_point=principal_point, image_size=out_size.clone())
 
 
+def crop_and_resize(image, mask, out_hw, context=0.3, threshold=0.4, resize_mode="upstream"):
+    """Return a frame cut around its foreground and resized, as implicitron: {image, mask, valid, box, scale}.
+
+    image (3, S, S) and mask (1, S, S) in [0, 1] (bilinear and nearest resizing; "exact" resizes the
+    mask nearest-exact), valid (1, S, S) the resized content, box (4,) the crop (x0, y0, x1, y1) in
+    original pixels, scale (2,) the camera's (x, y) scale from crop to output pixels. A mask of ones
+    crops nothing. ValueError if the mask's box holds no pixels.
+
+    Args:
+        image: (3, H, W) in [0, 1]; mask: (1, H, W) foreground probability; out_hw: (S, S).
+    """
+    box = crop_box(foreground_box(mask, threshold), image.shape[-2:], context)
+    mask_mode = "nearest-exact" if resize_mode == "exact" else "nearest"
+    mask, _, _, _ = resize_and_pad(crop(mask, box), out_hw, mode=mask_mode)
+    image = crop(image, box)
+    crop_hw = image.shape[-2:]
+    image, scale, content_hw, valid = resize_and_pad(image, out_hw, mode="bilinear")
+    return {"image": image, "mask": mask, "valid": valid, "box": box,
+            "scale": camera_scales(scale, crop_hw, content_hw, resize_mode)}
+
+
 def valid_region_box(valid):
     """Return upstream's 'bbox' (4,): the valid region's [min_y, min_x, max_y, max_x] in [-1, 1].
 

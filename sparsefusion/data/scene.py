@@ -28,6 +28,8 @@ class Scene:
     frame_numbers: torch.Tensor       # (N,) long: each view's frame number in its sequence
     images_full: Optional[torch.Tensor] = None  # (N, 3, H, W) RGB in [0, 1] without masking, where known
     frame_types: Optional[List[str]] = None     # (N) CO3D frame types, e.g. "test_known", where known
+    frame_names: Optional[List[str]] = None     # (N) image names as the camera file gives them (custom scenes)
+    has_masks: bool = True                      # False: no foreground masks were given, masks = valid region
 
     def __len__(self):
         return self.images.shape[0]
