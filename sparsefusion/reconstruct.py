@@ -3,7 +3,7 @@
 Files under the output folder, for scene sequence name {seq} = {category}_{index:03d}_c{views}:
   log/{seq}_inputs.jpg          the input views, side by side
   log/{seq}_eft_grid.jpg        EFT images of the scene's cameras, 8 per row
-  log/{seq}_loss.jpg            context-view losses; log/{seq}_fusionloss.jpg the fusion loss
+  log/{seq}_loss.jpg            context-view losses; log/{seq}_fusionloss.jpg the fusion loss (if any)
   log/{seq}_vis.jpg             the latest preview: render | silhouette
   render_imgs/{seq}/NNN.jpg     ground truth | ours, per scene camera
   render_gifs/{seq}.gif         ground truth | EFT | ours | ground-truth mask | our mask
@@ -83,7 +83,8 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
     write_image(image_grid(hwc(eft_images), per_row=8), out_dir / "log" / f"{label}_eft_grid.jpg")
     plot_losses({"volumetric": history.volumetric, "opacity": history.opacity},
                 out_dir / "log" / f"{label}_loss.jpg", title=f"{label} (every {distillation.config.log_every} it.)")
-    plot_losses({"fusion": history.fusion}, out_dir / "log" / f"{label}_fusionloss.jpg")
+    if history.fusion:  # method 'inputs_only' has no fusion step
+        plot_losses({"fusion": history.fusion}, out_dir / "log" / f"{label}_fusionloss.jpg")
 
     gt, ours, eft = hwc(scene.images), hwc(images), hwc(eft_images)
     gt_masks, our_masks = hwc(scene.masks), hwc(silhouettes)
