@@ -63,13 +63,9 @@ def scene_metrics(preds, gts, lpips_model=None):
     return {**frame_means(frames), "frames": frames}
 
 
-def frame_means(frames, exclude=()):
-    """Return {"psnr", "ssim", "lpips"}: means over per-frame metric dicts, skipping the indices in exclude.
-
-    "lpips" is None when the frames have none. Papers score novel views only: exclude the input views.
-    """
-    kept = [frame for index, frame in enumerate(frames) if index not in set(exclude)]
-    means = {key: float(np.mean([frame[key] for frame in kept])) for key in ("psnr", "ssim")}
-    has_lpips = all(frame["lpips"] is not None for frame in kept)
-    means["lpips"] = float(np.mean([frame["lpips"] for frame in kept])) if has_lpips else None
+def frame_means(frames):
+    """Return {"psnr", "ssim", "lpips"}: means over per-frame metric dicts; "lpips" is None when a frame has none."""
+    means = {key: float(np.mean([frame[key] for frame in frames])) for key in ("psnr", "ssim")}
+    has_lpips = all(frame["lpips"] is not None for frame in frames)
+    means["lpips"] = float(np.mean([frame["lpips"] for frame in frames])) if has_lpips else None
     return means

@@ -59,6 +59,16 @@ def chosen_input_views(scene, names=(), index=()):
     return chosen
 
 
+def novel_views(scene, inputs):
+    """Return the indices of the scene's views that show no input frame.
+
+    A scene of fewer frames than views repeats frames (upstream's linspace choice); a repeat of an
+    input frame is not a novel view.
+    """
+    input_frames = {int(scene.frame_numbers[view]) for view in inputs}
+    return [view for view in range(len(scene.images)) if int(scene.frame_numbers[view]) not in input_frames]
+
+
 def sequence_label(category, scene_index, n_inputs):
     """Return upstream's output name of a scene, e.g. hydrant_005_c2."""
     return f"{category}_{scene_index:03d}_c{n_inputs}"
@@ -114,7 +124,7 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     """Distill one scene and write its outputs; return its JSON record (metrics, inputs, timings).
 
     The record's psnr/ssim/lpips are upstream's means over every camera; 'novel_views' holds the means
-    over the cameras that are not input views, and with baselines=True 'baselines' holds the metrics
+    over the cameras that show no input frame (novel_views()), and with baselines=True 'baselines' holds the metrics
     of the EFT images, VLDM samples and nearest input views (sparsefusion/baselines.py) on those.
 
     Args:
@@ -151,11 +161,11 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     start = time.perf_counter()
     renders = distillation.render(distillation.cameras.scene)
     metrics = scene_metrics(renders[0].cpu(), scene.images.cpu(), models.lpips)
+    novel = novel_views(scene, inputs)
     extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
              "method": config.method, "input_views": inputs, "n_views": len(scene.images),
-             "novel_views": frame_means(metrics["frames"], exclude=inputs)}
+             "novel_views": frame_means([metrics["frames"][view] for view in novel])}
     if baselines:
-        novel = [view for view in range(len(scene.images)) if view not in inputs]
         extra["baselines"] = baseline_metrics(distillation, scene.images, novel, models.lpips, device_generator)
     timings["evaluation_s"] = time.perf_counter() - start
     extra["timings"] = timings

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -188,7 +189,8 @@ def ablation_with_baselines(setup):
 def test_inputs_only_fits_the_input_views_alone(ablation_with_baselines):
     record = ablation_with_baselines
     assert record["method"] == "inputs_only" and record["config"]["method"] == "inputs_only"
-    novel = [v for v in range(record["n_views"]) if v not in record["input_views"]]
+    novel = record["baselines"]["eft"]["views"]  # the views showing no input frame
+    assert novel and not set(novel) & set(record["input_views"])
     frames = record["frames"]
     by_hand = {key: float(np.mean([frames[v][key] for v in novel])) for key in ("psnr", "ssim")}
     assert record["novel_views"]["psnr"] == pytest.approx(by_hand["psnr"])
@@ -197,12 +199,19 @@ def test_inputs_only_fits_the_input_views_alone(ablation_with_baselines):
 
 def test_baselines_are_scored_on_the_novel_views(ablation_with_baselines):
     record = ablation_with_baselines
-    novel = [v for v in range(record["n_views"]) if v not in record["input_views"]]
+    novel = record["baselines"]["eft"]["views"]
     assert set(record["baselines"]) == {"eft", "vldm", "nearest_input"}
     for name, result in record["baselines"].items():
         assert result["views"] == novel and len(result["frames"]) == len(novel)
         means = result["novel_views"]
         assert np.isfinite(means["psnr"]) and 0 < means["ssim"] <= 1, name
+
+
+def test_repeats_of_an_input_frame_are_not_novel_views():
+    from sparsefusion.reconstruct import novel_views
+
+    scene = SimpleNamespace(images=torch.zeros(6, 3, 4, 4), frame_numbers=torch.tensor([0, 0, 1, 2, 2, 3]))
+    assert novel_views(scene, [1, 3]) == [2, 5]
 
 
 def test_nearest_input_view_is_the_closest_viewing_direction():
