@@ -36,11 +36,12 @@ FLAG_FIELDS = {
 
 
 def parse_args(argv=None):
-    from sparsefusion.demo_config import field_help
+    from sparsefusion.config import field_help
+    from sparsefusion.demo_config import DemoConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="every DemoConfig field (key=value), with its default:\n"
-                                            + "\n".join(field_help()))
+                                            + "\n".join(field_help(DemoConfig)))
     add = parser.add_argument
     add("-g", "--gpus", type=int, help="number of GPUs (processes) to use (default: 1)")
     add("-p", "--port", type=int, help="last digit of the DDP port 1234p (default: 1)")

@@ -19,14 +19,17 @@ import argparse
 from sparsefusion.data import DATASET_NAMES
 from sparsefusion.errors import exit_on_user_error
 from sparsefusion.trainer import run_training
-from sparsefusion.training import BACKENDS, load_config
+from sparsefusion.config import field_help
+from sparsefusion.training import BACKENDS, TrainConfig, load_config
 
 # flag -> TrainConfig field
 FLAG_FIELDS = ("gpus", "port", "dataset", "root", "category", "vae", "backend")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="every TrainConfig field (key=value), with its default:\n"
+                                            + "\n".join(field_help(TrainConfig)))
     parser.add_argument("-g", "--gpus", type=int, help="processes (GPUs) on this machine (default: 1)")
     parser.add_argument("-p", "--port", type=int, help="last digit of the DDP port 1234p (default: 1)")
     parser.add_argument("-d", "--dataset", choices=DATASET_NAMES, help="dataset (default: co3d)")

@@ -8,13 +8,10 @@ dotted (distill.iterations=500, distill.nerf.num_levels=8).
     config = load_demo_config("configs/mini_demo.yaml", ["idx=0,1"], category="hydrant")
 """
 
-from dataclasses import dataclass, field, fields, is_dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import List
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from sparsefusion.config import load_layered, parse_index_list
 from sparsefusion.data import CO3D_ALL_CATEGORIES, SCENE_SOURCES, expand_categories
 from sparsefusion.data.custom import CustomOptions, check_custom_options
 from sparsefusion.distill import METHODS, DistillConfig
@@ -86,28 +83,14 @@ class DemoConfig:
     @property
     def chosen_inputs(self):
         """Return (names, indices): input_names and input_index as lists, [] where not given."""
-        return [n.strip() for n in self.input_names.split(",") if n.strip()], parse_view_index(self.input_index)
+        return [n.strip() for n in self.input_names.split(",") if n.strip()], parse_index_list(self.input_index, "input_index", "0,4")
 
 
 def parse_indices(text):
     """Return the scene indices of -i, e.g. '0,5,7' -> [0, 5, 7]."""
-    try:
-        indices = [int(part) for part in str(text).split(",")]
-    except ValueError:
-        raise UserError(f"-i/--idx {text!r} is invalid; use comma-separated scene indices such as 0,5,7") from None
-    if any(i < 0 for i in indices):
-        raise UserError(f"-i/--idx {text!r} has a negative index; scene indices start at 0")
-    return indices
-
-
-def parse_view_index(text):
-    """Return the view indices of input_index, e.g. '0,4' -> [0, 4] ('' -> [])."""
-    try:
-        indices = [int(part) for part in str(text).split(",")] if str(text).strip() else []
-    except ValueError:
-        raise UserError(f"input_index {text!r} is invalid; use comma-separated view indices such as 0,4") from None
-    if any(i < 0 for i in indices):
-        raise UserError(f"input_index {text!r} has a negative index; view indices start at 0")
+    indices = parse_index_list(text, "-i/--idx", "0,5,7")
+    if not indices:
+        raise UserError("-i/--idx is empty; give scene indices such as 0,5,7")
     return indices
 
 
@@ -121,7 +104,7 @@ def check_demo_config(config):
         raise UserError(f"-v/--input_views must be at least 1, got {config.input_views}")
     if config.input_names and config.input_index:
         raise UserError("give the input views by input_names or by input_index, not both")
-    parse_view_index(config.input_index)
+    parse_index_list(config.input_index, "input_index", "0,4")
     check_custom_options(config.custom)
     distill = config.distill
     if distill.method not in METHODS:
@@ -140,24 +123,7 @@ def check_demo_config(config):
 
 def load_demo_config(path=None, overrides=(), **flags):
     """Return the DemoConfig of the defaults, then a YAML file, then flags (dotted names), then key=value overrides."""
-    try:
-        merged = OmegaConf.structured(DemoConfig)
-        if path:
-            if not Path(path).is_file():
-                raise UserError(f"config file {path} not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        dotted = [f"{name}={value}" for name, value in flags.items()]
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotted), OmegaConf.from_dotlist(list(overrides)))
-        if OmegaConf.is_missing(merged, "category"):
-            raise UserError("no category given: pass -c CATEGORY (or category=... / a YAML config)")
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        where = f" at '{key}'" if key else ""
-        raise UserError(f"bad demo config{where}: {str(err).splitlines()[0]}; keys are the fields of "
-                        f"sparsefusion.demo_config.DemoConfig") from err
-    except ValueError as err:  # a nested config's own check
-        raise UserError(f"bad demo config: {err}") from err
+    config = load_layered(DemoConfig, path, overrides, flags, what="demo config")
     check_demo_config(config)
     return config
 
@@ -178,15 +144,3 @@ def with_image_size(config, image_size, latent_stride):
     distill = replace(distill, image_size=image_size, precision=config.precision, features=features,
                       perceptual_start=min(distill.perceptual_start, distill.fusion_start))
     return replace(config, image_size=image_size, distill=distill)
-
-
-def field_help(cls=DemoConfig, prefix=""):
-    """Return 'name = default' lines for every field of a config dataclass, nested ones dotted."""
-    lines = []
-    for item in fields(cls):
-        default = item.default_factory() if callable(item.default_factory) else item.default
-        if is_dataclass(default):
-            lines += field_help(type(default), f"{prefix}{item.name}.")
-        else:
-            lines.append(f"  {prefix}{item.name} = {default!r}")
-    return lines

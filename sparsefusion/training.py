@@ -12,14 +12,13 @@ Two stages share train.py (sparsefusion/trainer.py runs either):
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from external.autoencoder_kl import AutoencoderKLConfig
+from sparsefusion.config import load_layered
 from sparsefusion.eft import EFTConfig
 from sparsefusion.eft_render import RenderConfig
 from sparsefusion.errors import UserError
@@ -143,21 +142,7 @@ def load_config(path=None, overrides=(), **fields):
 
     Unknown keys, wrong types and a missing category raise UserError.
     """
-    try:
-        merged = OmegaConf.structured(TrainConfig)
-        if path:
-            if not Path(path).is_file():
-                raise UserError(f"config file {path} not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        merged = OmegaConf.merge(merged, OmegaConf.create(fields), OmegaConf.from_dotlist(list(overrides)))
-        if OmegaConf.is_missing(merged, "category"):
-            raise UserError("no category given: pass -c CATEGORY (or category=... / a YAML config)")
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        where = f" at '{key}'" if key else ""
-        raise UserError(f"bad training config{where}: {str(err).splitlines()[0]}; keys are the fields of "
-                        f"sparsefusion.training.TrainConfig") from err
+    config = load_layered(TrainConfig, path, overrides, fields, what="training config")
     check_config(config)
     return config
 
