@@ -34,14 +34,13 @@ def vldm_samples(models, features, generator=None, batch=16):
     return torch.cat(images)
 
 
-def baseline_images(distillation, scene_images, generator=None):
-    """Return {name: images (N, 3, S, S)} of the BASELINES at the scene's N cameras."""
-    n_views = len(scene_images)
+def baseline_images(distillation, scene_images, views, generator=None):
+    """Return {name: images (K, 3, S, S)} of the BASELINES at the scene cameras views (K indices)."""
     cache = distillation.cache
-    nearest = nearest_input_views(distillation.cameras.scene, distillation.input_index)
+    nearest = nearest_input_views(distillation.cameras.scene, distillation.input_index)[views]
     return {
-        "eft": cache.eft_images[:n_views].clamp(0, 1),
-        "vldm": vldm_samples(distillation.models, cache.features[:n_views], generator),
+        "eft": cache.eft_images[views].clamp(0, 1),
+        "vldm": vldm_samples(distillation.models, cache.features[views], generator),
         "nearest_input": scene_images[distillation.input_index.to(scene_images.device)[nearest]],
     }
 
@@ -51,9 +50,9 @@ def baseline_metrics(distillation, scene_images, views, lpips_model=None, genera
 
     Pass the novel views (not the input views: there the nearest input is the ground truth itself).
     """
-    images = baseline_images(distillation, scene_images, generator)
+    images = baseline_images(distillation, scene_images, views, generator)
     scored = {}
     for name in BASELINES:
-        result = scene_metrics(images[name][views].cpu(), scene_images[views].cpu(), lpips_model)
+        result = scene_metrics(images[name].cpu(), scene_images[views].cpu(), lpips_model)
         scored[name] = {"novel_views": frame_means(result["frames"]), "frames": result["frames"], "views": list(views)}
     return scored

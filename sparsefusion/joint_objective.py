@@ -160,7 +160,8 @@ class JointObjective:
     loss_names = ("total", "diffusion", "color")
     find_unused_parameters = True  # ResNet-18's layer4/fc and the UNet's null_conditional_* get no gradient
 
-    def __init__(self, config, device):
+    def __init__(self, config, device, dataset=None):
+        """dataset: the training scenes (not read here: this stage needs nothing of them up front)."""
         self.config, self.device = config, device
         self.eft = EpipolarFeatureTransformer(config.eft)
         self.vldm = VLDM(config.vldm)

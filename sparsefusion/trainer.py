@@ -223,9 +223,7 @@ class Trainer:
 
         self.dataset = SeededScenes(open_dataset(config), config.seed)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.objective = OBJECTIVES[config.stage](config, self.device)
-        if hasattr(self.objective, "set_reference_scenes"):
-            self.objective.set_reference_scenes(self.dataset)
+        self.objective = OBJECTIVES[config.stage](config, self.device, self.dataset)
 
         self.step = 0
         seed_rank(config.seed, rank.rank)

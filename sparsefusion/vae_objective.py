@@ -68,19 +68,16 @@ class VAEObjective:
     loss_names = ("total", "reconstruction", "kl")
     find_unused_parameters = False
 
-    def __init__(self, config, device):
+    def __init__(self, config, device, dataset):
+        """dataset: the training scenes (a SeededScenes); the first SCALE_SCENES set the latent scale factor."""
         self.config, self.device = config, device
         self.vae = AutoencoderKL(config.autoencoder)
         self.model = VAEModel(self.vae, config.kl_weight).to(device).train()
         optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
         self.optimizers = [optimizer]
         self.schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)]
-        self.scale_images = None
-
-    def set_reference_scenes(self, dataset):
-        """Keep the images of the first SCALE_SCENES scenes of a SeededScenes (epoch 0) for the latent scale factor."""
-        scenes = [dataset[(0, index)] for index in range(min(len(dataset), SCALE_SCENES))]
-        self.scale_images = torch.cat([scene.images for scene in scenes]).to(self.device)
+        scenes = [dataset[(0, index)] for index in range(min(len(dataset), SCALE_SCENES))]  # epoch 0's frames
+        self.scale_images = torch.cat([scene.images for scene in scenes]).to(device)
 
     def batch(self, scene):
         return scene.images.to(self.device)

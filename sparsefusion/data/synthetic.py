@@ -371,11 +371,10 @@ def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames
     for position, category in enumerate(categories):
         frames_by_sequence, eval_sequences, sizes = {}, [], []
         for index in range(scenes):
-            task, frames_of_scene = tasks[position * scenes + index], written[position * scenes + index]
             name = sequence_name(seed, category, index)
-            frames_by_sequence[name] = frames_of_scene
-            sizes.append(list(task[5]))
-            if task[7] == "test_known":
+            frames_by_sequence[name] = written[position * scenes + index]
+            sizes.append(list(image_sizes[index % len(image_sizes)]))
+            if index >= scenes - eval_scenes:
                 eval_sequences.append(name)
         write_category_annotations(Path(root) / category, category, frames_by_sequence, eval_sequences)
         summary["categories"][category] = {
