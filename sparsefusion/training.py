@@ -71,6 +71,8 @@ class TrainConfig:
     depth_margin: float = 5.0            # ray points between d̄ − margin and d̄ + margin
     mask_threshold: float = 0.6          # loss mask: downsampled valid region > threshold
     kl_weight: float = 1e-6              # vae stage: weight of the KL term against the summed L1 error (LDM's)
+    perceptual_weight: float = 0.0       # vae stage: weight of LPIPS(VGG) per pixel beside the L1 error
+                                         # (LDM's: 1.0; needs the VGG weights, docs/metrics.md)
 
     # schedule
     iterations: int = 0                  # last step; 0 = max_epochs passes over the scenes (upstream)

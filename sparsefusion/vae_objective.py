@@ -3,8 +3,9 @@
 Upstream freezes Stable Diffusion's VAE. Models at other sizes train their own first, as latent
 diffusion does (Rombach et al., CVPR 2022, Sec. 3.1 and App. G): a KL-regularised autoencoder whose
 loss is the L1 reconstruction error summed over pixels plus kl_weight times the KL divergence of
-q(z|x) from N(0, I) summed over latents, both averaged over the batch (LDM's LPIPSWithDiscriminator
-without its perceptual, learned-variance and adversarial terms). Each step trains on the
+q(z|x) from N(0, I) summed over latents, both averaged over the batch, and optionally LDM's perceptual
+term: perceptual_weight times the image's LPIPS (VGG) distance added at every pixel (LDM's
+LPIPSWithDiscriminator without its learned-variance and adversarial terms). Each step trains on the
 views_per_scene images of one scene, the masked images (black background) that training and
 distillation later encode.
 
@@ -14,12 +15,16 @@ scenes' images, as LDM's scale_by_std, so that the diffusion model sees latents 
 (SD's 0.18215 plays that role for SD's VAE).
 """
 
+import warnings
+
 import torch
 from torch import nn
 
 from external.autoencoder_kl import AutoencoderKL
 from sparsefusion.checkpoint import config_to_dict, load_state_dict_strict
+from sparsefusion.errors import UserError
 from sparsefusion.outputs import image_grid
+from sparsefusion.perceptual import build_lpips, lpips_distance, unavailable_message
 
 SCALE_SCENES = 8  # scenes whose latents set the scale factor
 
@@ -31,18 +36,23 @@ def kl_to_standard_normal(posterior):
 
 
 class VAEModel(nn.Module):
-    """An AutoencoderKL with LDM's loss: forward(images) returns {'total', 'reconstruction', 'kl'}."""
+    """An AutoencoderKL with LDM's loss: forward(images) returns {'total', 'reconstruction', 'kl', 'perceptual'}.
 
-    def __init__(self, vae, kl_weight):
+    lpips: a frozen LPIPS model, or None when perceptual_weight is 0.
+    """
+
+    def __init__(self, vae, kl_weight, perceptual_weight=0.0, lpips=None):
         super().__init__()
         self.vae = vae
-        self.kl_weight = kl_weight
+        self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
+        self.lpips = [lpips]  # a list keeps the frozen network out of the module's parameters and state dict
 
     def forward(self, images):
         """Return the losses of images (B, 3, H, W) in [0, 1], reconstructed from a posterior sample.
 
         'total' is LDM's loss divided by the pixel count, so its scale reads like a mean L1 error;
-        'reconstruction' is the mean L1 error in [−1, 1] units, 'kl' the mean KL per latent element.
+        'reconstruction' is the mean L1 error in [−1, 1] units, 'kl' the mean KL per latent element,
+        'perceptual' the mean LPIPS distance (0 without the term).
         """
         x = images * 2.0 - 1.0
         posterior = self.vae.encode(x)
@@ -51,8 +61,12 @@ class VAEModel(nn.Module):
         l1 = (reconstruction - x).abs().flatten(1).sum(dim=1)  # (B,)
         kl = kl_to_standard_normal(posterior).float()           # (B,)
         pixels = x[0].numel()
-        return {"total": (l1 + self.kl_weight * kl).mean() / pixels, "reconstruction": l1.mean() / pixels,
-                "kl": kl.mean() / latents[0].numel(), "reconstructions": reconstruction.detach()}
+        perceptual = torch.zeros_like(l1)
+        if self.perceptual_weight > 0:
+            perceptual = lpips_distance(self.lpips[0], images, (reconstruction + 1) / 2)
+        total = (l1 + self.kl_weight * kl).mean() / pixels + self.perceptual_weight * perceptual.mean()
+        return {"total": total, "reconstruction": l1.mean() / pixels, "kl": kl.mean() / latents[0].numel(),
+                "perceptual": perceptual.mean(), "reconstructions": reconstruction.detach()}
 
 
 @torch.no_grad()
@@ -62,17 +76,30 @@ def latent_scale_factor(vae, images, batch=32):
     return float(1.0 / modes.flatten().std())
 
 
+def perceptual_model(weight, device):
+    """Return the frozen LPIPS(VGG) model the perceptual term needs, None for weight 0; UserError without weights."""
+    if weight <= 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model = build_lpips("vgg", device=device)
+    if model is None:
+        raise UserError(f"perceptual_weight={weight} needs LPIPS: {unavailable_message('vgg')}")
+    return model.requires_grad_(False)
+
+
 class VAEObjective:
     """What the Trainer needs of the VAE stage: the model, its optimizer, batches, checkpoints, pictures."""
 
-    loss_names = ("total", "reconstruction", "kl")
+    loss_names = ("total", "reconstruction", "kl", "perceptual")
     find_unused_parameters = False
 
     def __init__(self, config, device, dataset):
         """dataset: the training scenes (a SeededScenes); the first SCALE_SCENES set the latent scale factor."""
         self.config, self.device = config, device
         self.vae = AutoencoderKL(config.autoencoder)
-        self.model = VAEModel(self.vae, config.kl_weight).to(device).train()
+        self.model = VAEModel(self.vae, config.kl_weight, config.perceptual_weight,
+                              perceptual_model(config.perceptual_weight, device)).to(device).train()
         optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
         self.optimizers = [optimizer]
         self.schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)]
