@@ -159,19 +159,18 @@ def single_thread():
 def _render_views(obj, cameras, world_rotation, world_offset, supersample, device):
     height, width = (int(v) for v in cameras.image_size[0])
     xy = ndc_grid_xy(width * supersample, height * supersample, dtype=torch.float64)
-    images, masks = [], []
+    origins, directions = [], []
     for i in range(len(cameras)):
         bundle = rays_from_xy(cameras[i].to(torch.float64), xy[None], 1.0, 1.0, 1)
         # float64 for the change of frame, float32 for tracing: ample for unit-size objects
-        o = ((bundle.origins.reshape(-1, 3) - world_offset) @ world_rotation.T).float().to(device)
-        d = (bundle.directions.reshape(-1, 3) @ world_rotation.T).float().to(device)
-        rgb, foreground = render_canonical_rays(obj, o, d)
-        grid = torch.cat([rgb, foreground[:, None].to(rgb.dtype)], dim=-1)
-        grid = grid.reshape(height * supersample, width * supersample, 4).permute(2, 0, 1)
-        pooled = F.avg_pool2d(grid[None], supersample)[0].cpu()
-        images.append(pooled[:3])
-        masks.append(pooled[3:])
-    return torch.stack(images).float(), torch.stack(masks).float()
+        origins.append(((bundle.origins.reshape(-1, 3) - world_offset) @ world_rotation.T).float())
+        directions.append((bundle.directions.reshape(-1, 3) @ world_rotation.T).float())
+    # every view's rays in one trace: on a GPU, per-view traces would be bound by kernel launches
+    rgb, foreground = render_canonical_rays(obj, torch.cat(origins).to(device), torch.cat(directions).to(device))
+    grid = torch.cat([rgb, foreground[:, None].to(rgb.dtype)], dim=-1)
+    grid = grid.reshape(len(cameras), height * supersample, width * supersample, 4).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(grid, supersample).cpu().float()
+    return pooled[:, :3].contiguous(), pooled[:, 3:].contiguous()
 
 
 @dataclass

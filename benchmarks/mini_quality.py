@@ -1,0 +1,164 @@
+"""The mini models' quality table (docs/mini.md): held-out scenes × input-view counts × seeds, methods (a)–(e).
+
+For each category, input-view count and seed it runs `demo.py --mini` twice over the scenes: the
+method with baselines=true (rows (a) EFT images, (b) VLDM samples, (c) distilled NeRF, (e) nearest
+input view) and --method inputs_only (row (d)). Every number is a mean over the non-input views of
+a scene, then over the scenes; the table gives the mean over seeds ± their standard deviation.
+Runs go `--jobs` at a time (separate processes; on one GPU they overlap), and a rerun skips the
+scenes whose metrics exist, so the table can be filled over several calls.
+
+    python benchmarks/mini_quality.py --out output/mini_quality --scenes 10 --jobs 12   # the docs' table
+    python benchmarks/mini_quality.py --out /tmp/q --categories hydrant --scenes 1 --views 2 --seeds 0 \
+        distill.iterations=20 distill.fusion_start=10                                  # a smoke run
+Writes {out}/quality.json and {out}/quality.md; each run's demo outputs under {out}/runs/.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from sparsefusion.outputs import write_json, write_text
+
+ROWS = (("eft", "(a) EFT images"), ("vldm", "(b) VLDM samples (PLMS from noise, EFT-conditioned)"),
+        ("sparsefusion", "(c) distilled NeRF (the method)"),
+        ("inputs_only", "(d) NeRF fit to the input views alone"), ("nearest_input", "(e) nearest input view"))
+METRICS = ("psnr", "ssim", "lpips")
+# what the table's run commands leave out: the mesh, and GIF frames beyond a few (the metrics don't need them)
+LEAN = ("mesh_resolution=32", "distill.turntable_frames=2")
+
+
+def run_dir(out, method, views, seed, category):
+    return Path(out) / "runs" / f"{method}_v{views}_s{seed}" / category
+
+
+def missing_scenes(directory, category, scenes, views):
+    """Return the scene indices of 0..scenes-1 whose metrics file is not in directory yet."""
+    return [i for i in range(scenes) if not (directory / "metrics" / f"{category}_{i:03d}_c{views}.json").is_file()]
+
+
+def demo_command(directory, method, views, seed, category, indices, overrides):
+    return [sys.executable, "demo.py", "--mini", "-c", category, "-v", str(views), "--seed", str(seed),
+            "-i", ",".join(map(str, indices)), "--method", method, "-o", str(directory),
+            *(["baselines=true"] if method == "sparsefusion" else []), *LEAN, *overrides]
+
+
+def write_eval_scenes(categories):
+    """Write the held-out scenes demo.py --mini would write, once, before the runs start side by side."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from demo import config_from_args, generate_missing_data, parse_args
+
+    generate_missing_data(config_from_args(parse_args(["--mini", "-c", ",".join(categories)])))
+
+
+def run_all(args):
+    """Run every missing (method, views, seed, category) demo, args.jobs at a time; return failures."""
+    write_eval_scenes(args.categories)
+    jobs = []
+    for views in args.views:
+        for seed in args.seeds:
+            for method in ("sparsefusion", "inputs_only"):
+                for category in args.categories:
+                    directory = run_dir(args.out, method, views, seed, category)
+                    todo = missing_scenes(directory, category, args.scenes, views)
+                    if todo:
+                        jobs.append((directory, demo_command(directory, method, views, seed, category, todo,
+                                                             args.overrides)))
+    print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
+    start = time.time()
+
+    def run(job):
+        directory, command = job
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "demo.log", "a") as log:
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        print(f"{time.time() - start:6.0f} s  {directory.parent.name}/{directory.name}: exit {code}", flush=True)
+        return code
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        codes = list(pool.map(run, jobs))
+    return [job[0] for job, code in zip(jobs, codes) if code != 0]
+
+
+def scene_values(out, method, views, seed, category, scenes):
+    """Return {row: {metric: [per-scene novel-view means]}} of one run directory's metrics files."""
+    values = {}
+    for index in range(scenes):
+        path = run_dir(out, method, views, seed, category) / "metrics" / f"{category}_{index:03d}_c{views}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        rows = {method: record["novel_views"]}
+        rows.update({name: baseline["novel_views"] for name, baseline in record.get("baselines", {}).items()})
+        for row, means in rows.items():
+            for metric in METRICS:
+                if means[metric] is not None:
+                    values.setdefault(row, {}).setdefault(metric, []).append(means[metric])
+    return values
+
+
+def table(args):
+    """Return {views: {row: {metric: {'mean', 'std', 'seeds', 'scenes'}}}}: over seeds, of means over scenes."""
+    result = {}
+    for views in args.views:
+        per_seed = {}  # row -> metric -> [mean over scenes, one per seed]
+        counts = {}
+        for seed in args.seeds:
+            pooled = {}
+            for method in ("sparsefusion", "inputs_only"):
+                for category in args.categories:
+                    for row, metrics in scene_values(args.out, method, views, seed, category, args.scenes).items():
+                        for metric, values in metrics.items():
+                            pooled.setdefault(row, {}).setdefault(metric, []).extend(values)
+            for row, metrics in pooled.items():
+                for metric, values in metrics.items():
+                    per_seed.setdefault(row, {}).setdefault(metric, []).append(float(np.mean(values)))
+                    counts[row] = len(values)
+        result[views] = {row: {metric: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": len(v),
+                                        "scenes": counts[row]} for metric, v in metrics.items()}
+                         for row, metrics in per_seed.items()}
+    return result
+
+
+def markdown(result):
+    lines = []
+    for views, rows in result.items():
+        lines += [f"**{views} input views**", "", "| | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|"]
+        for row, title in ROWS:
+            if row in rows:
+                cells = [f"{rows[row][m]['mean']:.{2 if m == 'psnr' else 3}f} ± {rows[row][m]['std']:.{2 if m == 'psnr' else 3}f}"
+                         if m in rows[row] else "n/a" for m in METRICS]
+                lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="output/mini_quality")
+    parser.add_argument("--categories", nargs="+", default=["hydrant", "teddybear", "suitcase", "vase"])
+    parser.add_argument("--scenes", type=int, default=10, help="held-out scenes 0..N-1 of each category")
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 3], help="input-view counts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="demo processes at a time")
+    parser.add_argument("--table_only", action="store_true", help="only summarise the runs that exist")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig fields for every run")
+    args = parser.parse_args()
+    failed = [] if args.table_only else run_all(args)
+    result = table(args)
+    write_json({"categories": args.categories, "scenes": args.scenes, "seeds": args.seeds,
+                "overrides": args.overrides, "views": result}, Path(args.out) / "quality.json")
+    write_text(markdown(result), Path(args.out) / "quality.md")
+    print(markdown(result))
+    if failed:
+        print(f"{len(failed)} runs failed; their demo.log says why: " + ", ".join(map(str, failed)), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
