@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sparsefusion.cameras import PerspectiveCameras, look_at_view_transform
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_eft
-from sparsefusion.eft_render import RenderConfig, eft_mode, feature_cache, feature_rays
+from sparsefusion.eft_render import FeatureRenderConfig, eft_mode, feature_cache, feature_rays
 from sparsefusion.rays import RayBundle
 from sparsefusion.relative_cameras import relative_cameras
 
@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--views", type=int, default=80, help="query cameras in the cache")
     parser.add_argument("--context", default="2,3", help="comma-separated numbers of context views")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=8, help="RenderConfig.views_per_chunk")
+    parser.add_argument("--chunk", type=int, default=8, help="FeatureRenderConfig.views_per_chunk")
     parser.add_argument("--precisions", default="fp32,tf32,bf16,fp16")
     parser.add_argument("--ckpt", default=None, help="an EFT checkpoint (ckpt_latest_eft.pt); random weights if unset")
     parser.add_argument("--warmup", type=int, default=1)
@@ -112,7 +112,7 @@ def main():
     n_context_max = max(int(c) for c in args.context.split(","))
     cameras, images = circle_scene(args.views + n_context_max, args.image_size, device)
     near, far = 8.0 - 5.0, 8.0 + 5.0  # d̄ ∓ 5 for cameras at distance ~8.2
-    base = RenderConfig(image_size=args.image_size, mode="eval", views_per_chunk=args.chunk)
+    base = FeatureRenderConfig(image_size=args.image_size, mode="eval", views_per_chunk=args.chunk)
     rows = []
     for n_context in (int(c) for c in args.context.split(",")):
         context_index = list(range(args.views, args.views + n_context))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
 from external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
 from external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
-from external.nerf_renderer import RenderConfig  # noqa: E402
+from external.nerf_renderer import NeRFRenderConfig  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 UPSTREAM_GRID = NeRFConfig().grid_config()
@@ -113,7 +113,7 @@ def bench_training(device, size, warmup, repeats):
     """Return rows {backend, precision, seconds per iteration, image error vs torch float32} of one training step."""
     rays_o, rays_d = camera_rays(device, size)
     target = torch.rand(size * size, 3, device=device, generator=torch.Generator(device).manual_seed(1))
-    config = RenderConfig(num_steps=64, upsample_steps=64)
+    config = NeRFRenderConfig(num_steps=64, upsample_steps=64)
     precisions = ["float32"] + (["fp16-autocast"] if device.type == "cuda" else [])
     rows, reference = [], None
     for backend in encoder_backends(device, UPSTREAM_GRID):

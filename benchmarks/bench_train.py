@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsefusion.data.synthetic import render_synthetic_scene  # noqa: E402
 from sparsefusion.joint_objective import JointObjective, adam_with_step_lr  # noqa: E402
 from sparsefusion.trainer import train_step  # noqa: E402
-from sparsefusion.training import PRECISIONS, load_config, set_matmul_precision  # noqa: E402
+from sparsefusion.precision import set_matmul_precision  # noqa: E402
+from sparsefusion.training import PRECISIONS, load_config  # noqa: E402
 from timing import call_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import importlib.util
 import torch
 from torch import nn
 
-from external.gridencoder.reference import GridConfig, GridLevels, check_choice, grid_encode_reference, grid_levels
+from external.gridencoder.reference import GridConfig, GridLevels, grid_encode_reference, grid_levels
+from sparsefusion.config import check_choice
 
 __all__ = ["BACKENDS", "GridConfig", "GridEncoder", "GridLevels", "grid_encode", "grid_levels", "resolve_backend"]
 
