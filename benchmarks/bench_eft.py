@@ -25,6 +25,7 @@ from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_eft
 from sparsefusion.eft_render import FeatureRenderConfig, eft_mode, feature_cache, feature_rays
 from sparsefusion.rays import RayBundle
 from sparsefusion.relative_cameras import relative_cameras
+from measures import relative_error
 
 
 def circle_scene(n_views, image_size, device, seed=0):
@@ -81,10 +82,6 @@ def upstream_schedule(eft, cameras, query_index, context_index, images, near, fa
                      for index in torch.arange(flat[0].shape[1]).chunk(ray_chunks)]
             features.append(torch.cat(parts).reshape(config.grid_size, config.grid_size, -1).permute(2, 0, 1))
     return torch.stack(features)
-
-
-def relative_error(x, reference):
-    return ((x.float() - reference).norm() / reference.norm()).item()
 
 
 def main():

@@ -31,7 +31,7 @@ from sparsefusion.joint_objective import JointObjective, adam_with_step_lr  # no
 from sparsefusion.trainer import train_step  # noqa: E402
 from sparsefusion.precision import set_matmul_precision  # noqa: E402
 from sparsefusion.training import PRECISIONS, load_config  # noqa: E402
-from timing import call_ms  # noqa: E402
+from measures import call_ms, relative_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,6 @@ def parse_args():
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(PRECISIONS)}")
     return args
-
-
-def relative_error(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def measure(name, objective, initial, scene, config, args, device):

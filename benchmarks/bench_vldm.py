@@ -27,7 +27,7 @@ from external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402
-from timing import call_ms  # noqa: E402
+from measures import call_ms, relative_error  # noqa: E402
 
 # name: (fast path, TF32 allowed)
 VARIANTS = {
@@ -70,10 +70,6 @@ def parse_args():
 def set_tf32(allowed):
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed
-
-
-def relative_error(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def synchronize(device):

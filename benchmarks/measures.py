@@ -1,4 +1,7 @@
-"""Timing shared by the benchmark scripts (imported as `timing`: scripts run with their folder on sys.path)."""
+"""What the benchmark scripts measure, defined once: wall time, and error against a reference.
+
+Imported as `measures`: scripts run with their folder on sys.path.
+"""
 
 import statistics
 import time
@@ -39,3 +42,12 @@ def call_ms(fn, device):
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def relative_error(value, reference):
+    """Return ||value - reference|| / ||reference||, L2 over all elements in float64: every benchmark's error.
+
+    value, reference: tensors of one shape (any devices) or numbers; for numbers this is |a - b| / |b|.
+    """
+    value, reference = (torch.as_tensor(x, dtype=torch.float64).detach().cpu() for x in (value, reference))
+    return ((value - reference).norm() / reference.norm().clamp_min(1e-300)).item()
