@@ -13,8 +13,6 @@ The "upstream schedule" row renders one query at a time in 16 chunks of 64 rays,
 import argparse
 import json
 import math
-import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -25,6 +23,7 @@ from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_eft
 from sparsefusion.eft_render import FeatureRenderConfig, eft_mode, feature_cache, feature_rays
 from sparsefusion.rays import RayBundle
 from sparsefusion.relative_cameras import relative_cameras
+import measures
 from measures import relative_error
 
 
@@ -47,26 +46,15 @@ def set_tf32(enabled):
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, warmup, repeats):
     """Return (last result, median seconds, peak bytes allocated) of fn() over repeats after warmup."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds, result = measures.timed(fn, device, repeats, warmup=0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return result, statistics.median(times), peak
+    return result, seconds, peak
 
 
 def upstream_schedule(eft, cameras, query_index, context_index, images, near, far, config, ray_chunks=16):

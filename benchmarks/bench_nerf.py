@@ -34,11 +34,6 @@ UPSTREAM_GRID = NeRFConfig().grid_config()
 HASH_GRID = dataclasses.replace(UPSTREAM_GRID, gridtype="hash")
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def encoder_backends(device, config):
     names = ["torch"]
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton on the CPU, to check this script

@@ -27,7 +27,7 @@ from external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402
-from measures import call_ms, relative_error  # noqa: E402
+from measures import call_ms, relative_error, synchronize  # noqa: E402
 
 # name: (fast path, TF32 allowed)
 VARIANTS = {
@@ -70,11 +70,6 @@ def parse_args():
 def set_tf32(allowed):
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(name, model, inputs, latent, args, device, reference=None):
