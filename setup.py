@@ -6,7 +6,10 @@ setup(
     version="0.1.0",
     description="SparseFusion (CVPR 2023): distilling view-conditioned diffusion for 3D reconstruction",
     python_requires=">=3.9",
-    packages=find_packages(include=["sparsefusion", "sparsefusion.*", "external", "external.*"]),
+    # the repository's external/ folder installs as sparsefusion.external: no generic top-level name
+    packages=sorted(set(find_packages(include=["sparsefusion", "sparsefusion.*"])
+                        + [f"sparsefusion.{name}" for name in find_packages(include=["external", "external.*"])])),
+    package_dir={"sparsefusion.external": "external"},
     install_requires=[
         "torch>=2.1",            # the models, autograd, torch.distributed
         "torchvision>=0.16",     # ResNet-18 backbone of the EFT, VGG16 of LPIPS

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
-from external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
-from external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
-from external.nerf_renderer import NeRFRenderConfig  # noqa: E402
+from sparsefusion.external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
+from sparsefusion.external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig  # noqa: E402
 from measures import median_seconds, relative_error  # noqa: E402
 
 UPSTREAM_GRID = NeRFConfig().grid_config()

@@ -16,7 +16,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.errors import exit_on_user_error
 from sparsefusion.vae import SCALE_FACTOR, LatentCodec, LatentCodecConfig, load_vae
 from measures import median_seconds, relative_error

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from external.imagen_unet import Unet, UnetConfig  # noqa: E402
+from sparsefusion.external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402

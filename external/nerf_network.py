@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from external.gridencoder import BACKENDS, GridConfig, GridEncoder
-from external.nerf_renderer import NeRFRenderConfig, render
+from sparsefusion.external.gridencoder import BACKENDS, GridConfig, GridEncoder
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig, render
 from sparsefusion.config import check_choice
 
 

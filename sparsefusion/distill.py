@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from external.nerf_network import NeRFConfig, NeRFNetwork
-from external.nerf_renderer import NeRFRenderConfig
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.camera_path import circle_path
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.config import check_choice

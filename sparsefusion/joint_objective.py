@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict
 from sparsefusion.eft import EpipolarFeatureTransformer, sample_views

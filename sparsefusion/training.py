@@ -15,7 +15,7 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from external.autoencoder_kl import AutoencoderKLConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKLConfig
 from sparsefusion.config import check_choice, load_layered
 from sparsefusion.data.crop import RESIZE_MODES
 from sparsefusion.eft import EFTConfig

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.checkpoint import config_from_dict, config_to_dict, load_file, load_state_dict_strict, save_atomic
 from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError

@@ -17,7 +17,7 @@ scenes' images, as LDM's scale_by_std, so that the diffusion model sees latents 
 import torch
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.checkpoint import config_to_dict, load_state_dict_strict
 from sparsefusion.outputs import image_grid
 

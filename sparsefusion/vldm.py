@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from external.imagen_unet import Unet, UnetConfig
+from sparsefusion.external.imagen_unet import Unet, UnetConfig
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
 from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import demo
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from external.imagen_unet import UnetConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.imagen_unet import UnetConfig
 from sparsefusion.data.synthetic import main as generate_synthetic
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError

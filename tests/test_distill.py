@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from external.imagen_unet import UnetConfig
-from external.nerf_network import NeRFConfig
-from external.nerf_renderer import NeRFRenderConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.imagen_unet import UnetConfig
+from sparsefusion.external.nerf_network import NeRFConfig
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.data.synthetic import render_synthetic_scene
 from sparsefusion.distill import DistillConfig, Distillation, History, run_distillation
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from external.nerf_network import NeRFConfig, NeRFNetwork, density_blob, trunc_exp
-from external.nerf_renderer import (
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork, density_blob, trunc_exp
+from sparsefusion.external.nerf_renderer import (
     NeRFRenderConfig,
     near_far_from_aabb,
     render,

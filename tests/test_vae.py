@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from external.autoencoder_kl import (
+from sparsefusion.external.autoencoder_kl import (
     AttnBlock,
     AutoencoderKL,
     AutoencoderKLConfig,
