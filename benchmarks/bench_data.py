@@ -1,7 +1,7 @@
 """Time the data stage: synthetic generation, CO3D-format scene loading (crop + resize), host-to-device copy.
 
     python benchmarks/bench_data.py --out bench_data.json              # full size, on cuda if present
-    python benchmarks/bench_data.py --device cpu --small --out /tmp/b.json
+    python benchmarks/bench_data.py --device cpu --small --out bench_data_cpu.json
 
 Loading is CPU work (JPEG/PNG decoding, crop, resize), so its numbers describe the host; the copy
 of a 32-view 256² scene to the device is timed with synchronisation. Also checks that the 'exact'

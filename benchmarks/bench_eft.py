@@ -7,7 +7,7 @@ the error of its features and RGB relative to the fp32 row (eval mode, so rows a
 The "upstream schedule" row renders one query at a time in 16 chunks of 64 rays, as upstream does.
 
     python benchmarks/bench_eft.py --out eft_bench.json                  # GPU, ~1-2 minutes
-    python benchmarks/bench_eft.py --device cpu --small --out /tmp/e.json  # smoke test
+    python benchmarks/bench_eft.py --device cpu --small --out bench_eft_cpu.json  # smoke test
 """
 
 import argparse

@@ -4,7 +4,7 @@ Upstream builds its metric LPIPS on the CPU; ours runs where the model is. This 
 times, a whole scene's time, and the relative error of device LPIPS (TF32 on and off) against CPU fp32.
 
     python benchmarks/bench_metrics.py --device cuda --out bench_metrics.json
-    python benchmarks/bench_metrics.py --device cpu --small --out /tmp/bench_metrics.json
+    python benchmarks/bench_metrics.py --device cpu --small --out bench_metrics_cpu.json
 """
 
 import argparse

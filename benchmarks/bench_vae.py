@@ -6,7 +6,7 @@ strict fp32 (TF32 off): latents, decoded images in [0, 1], and the raw decoder o
 Weights: --ckpt (any layout load_vae reads), else PyTorch's default init, which ldm trains from.
 
     python benchmarks/bench_vae.py --device cuda --out bench_vae.json
-    python benchmarks/bench_vae.py --device cpu --small --out /tmp/bench_vae.json
+    python benchmarks/bench_vae.py --device cpu --small --out bench_vae_cpu.json
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vldm.py --out bench_vldm.json                     # one GPU, full size
     python benchmarks/bench_vldm.py --variants bf16+cl+autotune+graph         # the slow-to-compile one
-    python benchmarks/bench_vldm.py --device cpu --small --out /tmp/b.json   # smoke test
+    python benchmarks/bench_vldm.py --device cpu --small --out bench_vldm_cpu.json   # smoke test
 
 Batch 1, a 4×32×32 latent and 256×32×32 EFT features, random weights with a random (not zero)
 final_conv. The reference is the fp32 UNet, eager, TF32 off. Errors are relative L2 errors against

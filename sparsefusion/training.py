@@ -6,7 +6,7 @@ Two stages share train.py (sparsefusion/trainer.py runs either):
   stage=vae    an AutoencoderKL trained on the dataset's images, for models that do not use Stable
                Diffusion's VAE, such as the mini models (sparsefusion/vae_objective.py).
 
-    config = load_config("configs/mini.yaml", ["stage=vae"])
+    config = load_config("configs/mini_train.yaml", ["stage=vae"])
     run_training(config)                       # sparsefusion.trainer; -g N processes, or torchrun's
 """
 

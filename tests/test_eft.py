@@ -12,7 +12,7 @@ from sparsefusion.errors import UserError
 from sparsefusion.rays import grid_rays, grid_xy, monte_carlo_rays
 from sparsefusion.relative_cameras import relative_cameras
 
-KEYS_TSV = Path(__file__).parent / "data" / "keys_ckpt_latest_eft.tsv"  # copy of shared/reference/keys_full_ckpt_latest_eft.tsv
+KEYS_TSV = Path(__file__).parent / "data" / "keys_ckpt_latest_eft.tsv"  # the released checkpoint's keys and shapes
 TINY = EFTConfig(hidden_dim=32, n_layers=1, backbone_weights="random")
 UNUSED_BACKBONE = ("encoder_model.layer4.", "encoder_model.fc.")  # stored, never used, as upstream
 
