@@ -77,7 +77,8 @@ def parse_args(argv=None):
     add("--upsample_steps", type=int, help="importance samples per NeRF ray (default: 64)")
     add("--mesh_threshold", type=float, help="density threshold of the exported mesh (default: 10)")
     add("--mesh_resolution", type=int, help="marching-cubes grid size of the mesh (default: 256)")
-    add("--seed", type=int, help="input views are a permutation seeded by seed + scene index (default: 0)")
+    add("--seed", type=int, help="every random draw of scene i (input views, NeRF, noise) follows from seed + i "
+                               "(default: 0)")
     add("overrides", nargs="*", metavar="key=value", help="DemoConfig fields, e.g. distill.iterations=500")
     return parser.parse_args(argv)
 

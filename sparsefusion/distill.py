@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
-from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.camera_path import circle_path
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.config import check_choice
-from sparsefusion.eft_render import FeatureRenderConfig
-from sparsefusion.eft_render import depth_range, feature_cache
+from sparsefusion.eft_render import FeatureRenderConfig, depth_range, feature_cache
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.guidance import DiffusionGuidance
 from sparsefusion.losses import mean_huber, opacity_term
 from sparsefusion.rays import grid_rays, grid_xy

@@ -1,9 +1,10 @@
-"""The loss functions of training and distillation, as upstream computes them.
+"""The loss functions of training and distillation, as upstream (and, for the VAE, latent diffusion) computes them.
 
     huber(x, y)                  elementwise pseudo-Huber: the EFT's colour loss, the NeRF's colour and silhouette
     mean_huber(x, y)             its mean: the NeRF's colour and silhouette terms
     opacity_term(silhouettes)    the NeRF's opacity regulariser
     weighted_l1(x, y, weights)   the distillation's (1 − ᾱ)·L1 to a VLDM denoising
+    kl_to_standard_normal(q)     the VAE stage's KL term
 """
 
 import torch
@@ -34,3 +35,9 @@ def weighted_l1(images, targets, weights):
     each target. For B = 1 this is upstream's fusion loss (1 − ᾱ)·|render − denoised|.mean().
     """
     return (weights * (images - targets).abs().flatten(1).mean(dim=1)).mean()
+
+
+def kl_to_standard_normal(posterior):
+    """Return KL(q(z|x) ‖ N(0, I)) per image (B,), summed over latents: ½ Σ (μ² + σ² − 1 − log σ²)."""
+    terms = posterior.mean ** 2 + posterior.std ** 2 - 1.0 - posterior.logvar
+    return 0.5 * terms.flatten(1).sum(dim=1)

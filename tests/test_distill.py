@@ -1,4 +1,4 @@
-"""The distillation loop, its diffusion guidance and its losses, with small recording fakes for the frozen models."""
+"""The distillation loop and its diffusion guidance, with small recording fakes for the frozen models."""
 
 import math
 from types import SimpleNamespace
@@ -16,7 +16,6 @@ from sparsefusion.distill import DistillConfig, Distillation, History, run_disti
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer
 from sparsefusion.eft_render import FeatureRenderConfig
 from sparsefusion.guidance import DiffusionGuidance
-from sparsefusion.losses import huber, weighted_l1
 from sparsefusion.models import Models
 from sparsefusion.vae import LatentCodec
 from sparsefusion.vldm import VLDM, VLDMConfig
@@ -263,18 +262,3 @@ def test_the_targets_carry_no_gradient_even_from_models_that_would_learn():
     assert targets.images.shape == images.shape and targets.weights.shape == (1,) and targets.noise_level == 0.5
     guidance.loss(images, features)["total"].backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-
-
-def test_huber_is_quadratic_near_zero_and_linear_far_away():
-    small, large = torch.tensor(1e-3), torch.tensor(5.0)
-    assert torch.allclose(huber(small, torch.tensor(0.0)), small ** 2 / (2 * 0.1), rtol=1e-3)
-    assert torch.allclose(huber(large, torch.tensor(0.0)), large - 0.1, rtol=1e-3)
-
-
-def test_weighted_l1_weighs_each_image_by_its_own_noise_level():
-    images, targets = torch.zeros(2, 3, 4, 4), torch.stack([torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.25)])
-    assert weighted_l1(images, targets, torch.tensor([0.2, 1.0])).item() == pytest.approx((0.2 * 0.5 + 0.25) / 2)
