@@ -26,7 +26,7 @@ setup(
         "tensorboard",           # training scalars
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff"],  # ruff: the linter .ci/run applies (ruff.toml)
         "pytorch3d": ["pytorch3d"],      # optional: cross-checks of our camera conventions
         "tcnn": ["tinycudann"],          # optional: tiny-cuda-nn grid-encoder backend
     },
