@@ -67,8 +67,8 @@ def parse_args(argv=None):
     add("--image_size", type=int, help="check that the models work at this size (default: 0, the models' size)")
     add("--circle_cameras", type=int, help="extra circle cameras (default: 50)")
     add("--turntable_frames", type=int, help="frames of the turntable GIF (default: 50)")
-    add("--precision", help="fp32, or bf16 autocast of the EFT feature cache and the eager UNet/LPIPS calls on CUDA; "
-                            "the VAE stays fp32 (default: fp32)")
+    add("--precision", help="fp32, or bf16 autocast of the EFT feature cache and the eager UNet; the VAE and LPIPS "
+                            "stay fp32 (default: fp32)")
     add("--eft_mode", help="upstream: EFT BatchNorm batch statistics + dropout as upstream; eval: neither")
     add("--unet", help="UNet on CUDA: 'eager' fp32 as upstream; 'graph' bf16 + CUDA graph, 4x faster (default); "
                        "'compile' adds torch.compile, 7x")
@@ -77,7 +77,8 @@ def parse_args(argv=None):
     add("--upsample_steps", type=int, help="importance samples per NeRF ray (default: 64)")
     add("--mesh_threshold", type=float, help="density threshold of the exported mesh (default: 10)")
     add("--mesh_resolution", type=int, help="marching-cubes grid size of the mesh (default: 256)")
-    add("--seed", type=int, help="input views are a permutation seeded by seed + scene index (default: 0)")
+    add("--seed", type=int, help="every random draw of scene i (input views, NeRF, noise) follows from seed + i "
+                               "(default: 0)")
     add("overrides", nargs="*", metavar="key=value", help="DemoConfig fields, e.g. distill.iterations=500")
     return parser.parse_args(argv)
 
@@ -93,9 +94,10 @@ def config_from_args(args):
 
 
 def open_dataset(config, category):
+    """Return the dataset of one category that config names (co3d_toy's files are cut already: no sizes apply)."""
     from sparsefusion.data import load_dataset
 
-    options = {} if config.dataset_name == "co3d_toy" else {"image_size": config.image_size or 256}
+    options = {"image_size": config.image_size or 256, "resize_mode": config.resize_mode}
     if config.dataset_name == "custom":  # the named input views stay among the scene's views
         options.update(asdict(config.custom), include=tuple(config.chosen_inputs[0]))
     return load_dataset(config.dataset_name, config.dataset_root, category, **options)

@@ -6,7 +6,10 @@ setup(
     version="0.1.0",
     description="SparseFusion (CVPR 2023): distilling view-conditioned diffusion for 3D reconstruction",
     python_requires=">=3.9",
-    packages=find_packages(include=["sparsefusion", "sparsefusion.*", "external", "external.*"]),
+    # the repository's external/ folder installs as sparsefusion.external: no generic top-level name
+    packages=sorted(set(find_packages(include=["sparsefusion", "sparsefusion.*"])
+                        + [f"sparsefusion.{name}" for name in find_packages(include=["external", "external.*"])])),
+    package_dir={"sparsefusion.external": "external"},
     install_requires=[
         "torch>=2.1",            # the models, autograd, torch.distributed
         "torchvision>=0.16",     # ResNet-18 backbone of the EFT, VGG16 of LPIPS
@@ -23,7 +26,7 @@ setup(
         "tensorboard",           # training scalars
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "ruff"],  # ruff: the linter .ci/run applies (ruff.toml)
         "pytorch3d": ["pytorch3d"],      # optional: cross-checks of our camera conventions
         "tcnn": ["tinycudann"],          # optional: tiny-cuda-nn grid-encoder backend
     },

@@ -7,7 +7,7 @@ With stage=vae it trains an AutoencoderKL on the dataset's images instead (the m
     python train.py -c hydrant --config my.yaml vis_itr=500 precision=bf16
     torchrun --nproc_per_node 8 --nnodes 2 ... train.py -c hydrant   # several machines
     python train.py -c hydrant -d synthetic --config configs/train_small.yaml   # CPU smoke run
-    python train.py --config configs/mini.yaml stage=vae     # the mini recipe: the VAE, then stage=joint
+    python train.py --config configs/mini_train.yaml stage=vae     # the mini recipe: the VAE, then stage=joint
 
 Settings, lowest priority first: TrainConfig's defaults (upstream's), the --config YAML, the flags,
 then key=value overrides (nested ones as eft.n_layers=2). Outputs and checkpoints go to exp_dir,

@@ -27,7 +27,7 @@ from sparsefusion.demo_config import load_demo_config, with_image_size
 from sparsefusion.distill import Distillation
 from sparsefusion.metrics import frame_means, scene_metrics
 from sparsefusion.models import load_models
-from sparsefusion.reconstruct import input_views
+from sparsefusion.reconstruct import input_views, novel_views
 
 
 def write_transforms(views, folder, masks=True, scale=1.0, rotation=None, offset=None):
@@ -55,13 +55,11 @@ def write_transforms(views, folder, masks=True, scale=1.0, rotation=None, offset
 def eft_quality(models, config, scene):
     """Return (novel-view means {'psnr', 'ssim'}, (near, far)) of the EFT's images from scene 0's two input views."""
     inputs = input_views(len(scene), 0, 2, 0)
-    distillation = Distillation(models, scene.cameras, scene.images, scene.masks, inputs, config.distill,
-                                generator=torch.Generator().manual_seed(0),
-                                device_generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        distillation.build_cache()
+        distillation = Distillation(models, scene.cameras, scene.images, scene.masks, inputs, config.distill)
     metrics = scene_metrics(distillation.cache.eft_images[:len(scene)].clamp(0, 1), scene.images, None)
-    return frame_means(metrics["frames"], exclude=inputs), (float(distillation.near), float(distillation.far))
+    novel = frame_means([metrics["frames"][view] for view in novel_views(scene, inputs)])
+    return novel, (float(distillation.near), float(distillation.far))
 
 
 def main():

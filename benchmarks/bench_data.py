@@ -1,7 +1,7 @@
 """Time the data stage: synthetic generation, CO3D-format scene loading (crop + resize), host-to-device copy.
 
     python benchmarks/bench_data.py --out bench_data.json              # full size, on cuda if present
-    python benchmarks/bench_data.py --device cpu --small --out /tmp/b.json
+    python benchmarks/bench_data.py --device cpu --small --out bench_data_cpu.json
 
 Loading is CPU work (JPEG/PNG decoding, crop, resize), so its numbers describe the host; the copy
 of a 32-view 256² scene to the device is timed with synchronisation. Also checks that the 'exact'
@@ -10,8 +10,6 @@ boundaries, and cameras within a small relative difference.
 """
 
 import argparse
-import json
-import statistics
 import tempfile
 import time
 
@@ -19,21 +17,7 @@ import torch
 
 from sparsefusion.data import load_dataset
 from sparsefusion.data.synthetic import generate_dataset
-
-
-def timed(fn, repeats, sync=None):
-    """Return (median seconds, last result) of fn() over repeats runs after one warm-up run."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        result = fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+from measures import median_seconds, relative_error, timed, write_results
 
 
 def main():
@@ -46,7 +30,6 @@ def main():
 
     frames, sizes, views = (12, [(60, 80), (90, 60)], 12) if args.small else (32, [(150, 200), (240, 160)], 32)
     repeats = 2 if args.small else 5
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     results = {"device": args.device, "small": args.small, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
@@ -58,21 +41,15 @@ def main():
         scenes = {}
         for mode in ("upstream", "exact"):
             dataset = load_dataset("synthetic", root, "hydrant", sample_batch_size=views, resize_mode=mode)
-            seconds, scenes[mode] = timed(lambda: dataset[0], repeats)
+            seconds, scenes[mode] = timed(lambda: dataset[0], "cpu", repeats)
             results[f"load_scene_s_{mode}"] = seconds
         up, ex = scenes["upstream"], scenes["exact"]
         results["resize_modes_image_max_abs_diff"] = float((up.images_full - ex.images_full).abs().max())
         results["resize_modes_mask_fraction_differing"] = float((up.masks != ex.masks).float().mean())
-        results["resize_modes_focal_max_rel_diff"] = float(
-            ((up.cameras.focal_length - ex.cameras.focal_length) / ex.cameras.focal_length).abs().max())
-        seconds, _ = timed(lambda: up.to(args.device), repeats, sync)
-        results["to_device_s"] = seconds
+        results["resize_modes_focal_rel_err"] = relative_error(up.cameras.focal_length, ex.cameras.focal_length)
+        results["to_device_s"] = median_seconds(lambda: up.to(args.device), args.device, repeats)
 
-    width = max(len(k) for k in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-from external.autoencoder_kl import AutoencoderKL  # noqa: E402
+from sparsefusion.external.autoencoder_kl import AutoencoderKL  # noqa: E402
 from sparsefusion.data.synthetic import main as generate_synthetic  # noqa: E402
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft  # noqa: E402
 from sparsefusion.vae import save_vae  # noqa: E402

@@ -7,14 +7,12 @@ the error of its features and RGB relative to the fp32 row (eval mode, so rows a
 The "upstream schedule" row renders one query at a time in 16 chunks of 64 rays, as upstream does.
 
     python benchmarks/bench_eft.py --out eft_bench.json                  # GPU, ~1-2 minutes
-    python benchmarks/bench_eft.py --device cpu --small --out /tmp/e.json  # smoke test
+    python benchmarks/bench_eft.py --device cpu --small --out bench_eft_cpu.json  # smoke test
 """
 
 import argparse
 import json
 import math
-import statistics
-import time
 from dataclasses import replace
 
 import torch
@@ -22,9 +20,11 @@ import torch.nn.functional as F
 
 from sparsefusion.cameras import PerspectiveCameras, look_at_view_transform
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_eft
-from sparsefusion.eft_render import RenderConfig, eft_mode, feature_cache, feature_rays
+from sparsefusion.eft_render import FeatureRenderConfig, eft_mode, feature_cache, feature_rays
 from sparsefusion.rays import RayBundle
 from sparsefusion.relative_cameras import relative_cameras
+import measures
+from measures import relative_error
 
 
 def circle_scene(n_views, image_size, device, seed=0):
@@ -46,26 +46,15 @@ def set_tf32(enabled):
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, warmup, repeats):
     """Return (last result, median seconds, peak bytes allocated) of fn() over repeats after warmup."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds, result = measures.timed(fn, device, repeats, warmup=0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return result, statistics.median(times), peak
+    return result, seconds, peak
 
 
 def upstream_schedule(eft, cameras, query_index, context_index, images, near, far, config, ray_chunks=16):
@@ -83,10 +72,6 @@ def upstream_schedule(eft, cameras, query_index, context_index, images, near, fa
     return torch.stack(features)
 
 
-def relative_error(x, reference):
-    return ((x.float() - reference).norm() / reference.norm()).item()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -94,7 +79,7 @@ def main():
     parser.add_argument("--views", type=int, default=80, help="query cameras in the cache")
     parser.add_argument("--context", default="2,3", help="comma-separated numbers of context views")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=8, help="RenderConfig.views_per_chunk")
+    parser.add_argument("--chunk", type=int, default=8, help="FeatureRenderConfig.views_per_chunk")
     parser.add_argument("--precisions", default="fp32,tf32,bf16,fp16")
     parser.add_argument("--ckpt", default=None, help="an EFT checkpoint (ckpt_latest_eft.pt); random weights if unset")
     parser.add_argument("--warmup", type=int, default=1)
@@ -112,7 +97,7 @@ def main():
     n_context_max = max(int(c) for c in args.context.split(","))
     cameras, images = circle_scene(args.views + n_context_max, args.image_size, device)
     near, far = 8.0 - 5.0, 8.0 + 5.0  # d̄ ∓ 5 for cameras at distance ~8.2
-    base = RenderConfig(image_size=args.image_size, mode="eval", views_per_chunk=args.chunk)
+    base = FeatureRenderConfig(image_size=args.image_size, mode="eval", views_per_chunk=args.chunk)
     rows = []
     for n_context in (int(c) for c in args.context.split(",")):
         context_index = list(range(args.views, args.views + n_context))

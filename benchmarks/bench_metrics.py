@@ -4,11 +4,10 @@ Upstream builds its metric LPIPS on the CPU; ours runs where the model is. This 
 times, a whole scene's time, and the relative error of device LPIPS (TF32 on and off) against CPU fp32.
 
     python benchmarks/bench_metrics.py --device cuda --out bench_metrics.json
-    python benchmarks/bench_metrics.py --device cpu --small --out /tmp/bench_metrics.json
+    python benchmarks/bench_metrics.py --device cpu --small --out bench_metrics_cpu.json
 """
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from sparsefusion.errors import UserError, exit_on_user_error
 from sparsefusion.metrics import hwc_frames, psnr, scene_metrics, ssim
 from sparsefusion.perceptual import build_lpips, lpips_distance
-from timing import median_seconds
+from measures import median_seconds, relative_error, write_results
 
 
 def synthetic_scene(frames, size, generator):
@@ -59,7 +58,7 @@ def main():
         for tf32 in (True, False):
             torch.backends.cudnn.allow_tf32 = tf32
             got = lpips_per_frame(model, preds_d[:2], gts_d[:2])
-            errors[f"lpips_rel_err_tf32_{'on' if tf32 else 'off'}"] = ((got - reference).abs() / reference).max().item()
+            errors[f"lpips_rel_err_tf32_{'on' if tf32 else 'off'}"] = relative_error(got, reference)
         torch.backends.cudnn.allow_tf32 = True
 
         results = {
@@ -76,11 +75,7 @@ def main():
             **errors,
         }
     results["scene_s_upstream_estimate"] = args.frames * (results["lpips_frame_ms_cpu"] + results["psnr_ssim_frame_ms"]) / 1e3
-    width = max(len(key) for key in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    with open(args.out, "w") as file:
-        json.dump(results, file, indent=2)
+    write_results(results, args.out, digits=4)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ for upstream's 'tiled' grid (16 levels × 2, 2^16 rows, finest resolution 8192) 
 (the one tiny-cuda-nn can reproduce). Training: one distillation-style step at 128×128 rays × (64
 stratified + 64 importance) samples — render, MSE + silhouette loss, backward, Adam — per backend, in
 float32 and (CUDA) under fp16 autocast. Times are medians of repeats after warm-up, with the device
-synchronised around each; errors are max |fast − reference| / max |reference|.
+synchronised around each; errors are measures.relative_error: ‖fast − reference‖ / ‖reference‖.
 """
 
 import argparse
@@ -24,23 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
-from external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
-from external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
-from external.nerf_renderer import RenderConfig  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from sparsefusion.external.gridencoder import grid_encode, grid_levels, triton_available  # noqa: E402
+from sparsefusion.external.gridencoder.tcnn_backend import tcnn_available  # noqa: E402
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork  # noqa: E402
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig  # noqa: E402
+from measures import median_seconds, relative_error  # noqa: E402
 
 UPSTREAM_GRID = NeRFConfig().grid_config()
 HASH_GRID = dataclasses.replace(UPSTREAM_GRID, gridtype="hash")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def relative_error(fast, reference):
-    return ((fast.float() - reference.float()).abs().max() / reference.float().abs().max().clamp_min(1e-30)).item()
 
 
 def encoder_backends(device, config):
@@ -113,7 +104,7 @@ def bench_training(device, size, warmup, repeats):
     """Return rows {backend, precision, seconds per iteration, image error vs torch float32} of one training step."""
     rays_o, rays_d = camera_rays(device, size)
     target = torch.rand(size * size, 3, device=device, generator=torch.Generator(device).manual_seed(1))
-    config = RenderConfig(num_steps=64, upsample_steps=64)
+    config = NeRFRenderConfig(num_steps=64, upsample_steps=64)
     precisions = ["float32"] + (["fp16-autocast"] if device.type == "cuda" else [])
     rows, reference = [], None
     for backend in encoder_backends(device, UPSTREAM_GRID):

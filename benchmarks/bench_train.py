@@ -1,7 +1,7 @@
 """Time train.py's step at upstream's sizes on one GPU: fp32 against TF32 and bf16 autocast, with loss parity.
 
     python benchmarks/bench_train.py --out bench_train.json                    # one GPU, full size
-    python benchmarks/bench_train.py --config configs/mini.yaml --out /tmp/b.json  # the mini models
+    python benchmarks/bench_train.py --config configs/mini_train.yaml --out bench_train_mini.json  # the mini models
 
 One step is everything train.py does per iteration after loading a scene: draw the query and 2–5
 context views, render the EFT's 32×32 features with gradients, encode the query with the VAE, the
@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsefusion.data.synthetic import render_synthetic_scene  # noqa: E402
 from sparsefusion.joint_objective import JointObjective, adam_with_step_lr  # noqa: E402
 from sparsefusion.trainer import train_step  # noqa: E402
-from sparsefusion.training import PRECISIONS, load_config, set_matmul_precision  # noqa: E402
-from timing import call_ms  # noqa: E402
+from sparsefusion.precision import set_matmul_precision  # noqa: E402
+from sparsefusion.training import PRECISIONS, load_config  # noqa: E402
+from measures import call_ms, relative_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", help="a TrainConfig YAML, e.g. configs/mini.yaml (default: upstream's sizes)")
+    parser.add_argument("--config", help="a TrainConfig YAML, e.g. configs/mini_train.yaml (default: upstream's sizes)")
     parser.add_argument("--variants", default=",".join(PRECISIONS), help=f"comma-separated from {', '.join(PRECISIONS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
@@ -50,10 +51,6 @@ def parse_args():
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(PRECISIONS)}")
     return args
-
-
-def relative_error(a, b):
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def measure(name, objective, initial, scene, config, args, device):

@@ -6,7 +6,7 @@ strict fp32 (TF32 off): latents, decoded images in [0, 1], and the raw decoder o
 Weights: --ckpt (any layout load_vae reads), else PyTorch's default init, which ldm trains from.
 
     python benchmarks/bench_vae.py --device cuda --out bench_vae.json
-    python benchmarks/bench_vae.py --device cpu --small --out /tmp/bench_vae.json
+    python benchmarks/bench_vae.py --device cpu --small --out bench_vae_cpu.json
 """
 
 import argparse
@@ -16,10 +16,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.errors import exit_on_user_error
 from sparsefusion.vae import SCALE_FACTOR, LatentCodec, LatentCodecConfig, load_vae
-from timing import median_seconds
+from measures import median_seconds, relative_error
 
 MODES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 
@@ -28,11 +28,6 @@ def smooth_images(batch, size, generator):
     """Return (batch, 3, size, size) in [0, 1]: bicubically upsampled noise, a stand-in for renders."""
     coarse = torch.rand(batch, 3, size // 16, size // 16, generator=generator)
     return F.interpolate(coarse, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-
-
-def relative_error(value, reference):
-    """Return ||value - reference|| / ||reference|| over all elements."""
-    return ((value.float() - reference).norm() / reference.norm()).item()
 
 
 def set_tf32(enabled):

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vldm.py --out bench_vldm.json                     # one GPU, full size
     python benchmarks/bench_vldm.py --variants bf16+cl+autotune+graph         # the slow-to-compile one
-    python benchmarks/bench_vldm.py --device cpu --small --out /tmp/b.json   # smoke test
+    python benchmarks/bench_vldm.py --device cpu --small --out bench_vldm_cpu.json   # smoke test
 
 Batch 1, a 4×32×32 latent and 256×32×32 EFT features, random weights with a random (not zero)
 final_conv. The reference is the fp32 UNet, eager, TF32 off. Errors are relative L2 errors against
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from external.imagen_unet import Unet, UnetConfig  # noqa: E402
+from sparsefusion.external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402
-from timing import call_ms  # noqa: E402
+from measures import call_ms, relative_error, synchronize  # noqa: E402
 
 # name: (fast path, TF32 allowed)
 VARIANTS = {
@@ -70,15 +70,6 @@ def parse_args():
 def set_tf32(allowed):
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed
-
-
-def relative_error(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(name, model, inputs, latent, args, device, reference=None):

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsefusion.config import check_choice
+
 ATTENTION_BACKENDS = ("sdpa", "math")
 
 
@@ -341,8 +343,7 @@ class Unet(nn.Module):
         super().__init__()
         cfg = self.config = config or UnetConfig()
         n_stages = len(cfg.dim_mults)
-        if cfg.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {cfg.attention!r}")
+        check_choice("attention", cfg.attention, ATTENTION_BACKENDS)
         if not (len(cfg.num_resnet_blocks) == len(cfg.layer_attns) == n_stages) or cfg.dim_mults[0] != 1:
             raise ValueError("num_resnet_blocks and layer_attns need one entry per stage, and dim_mults[0] must be 1")
         dim, time_cond_dim = cfg.dim, 4 * cfg.dim

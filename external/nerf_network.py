@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from external.gridencoder import BACKENDS, GridConfig, GridEncoder
-from external.gridencoder.reference import check_choice
-from external.nerf_renderer import RenderConfig, render
+from sparsefusion.external.gridencoder import BACKENDS, GridConfig, GridEncoder
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig, render
+from sparsefusion.config import check_choice
 
 
 @dataclass
@@ -131,7 +131,7 @@ class NeRFNetwork(nn.Module):
         samples in train mode, the inference box and deterministic ones in eval mode; staged=True
         renders config.max_ray_batch rays at a time. See nerf_renderer.render.
         """
-        config = RenderConfig() if config is None else config
+        config = NeRFRenderConfig() if config is None else config
         return render(
             self,
             rays_o,

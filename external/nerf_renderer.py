@@ -17,7 +17,7 @@ import torch
 
 
 @dataclass
-class RenderConfig:
+class NeRFRenderConfig:
     num_steps: int = 64         # stratified samples per ray (upstream opt.num_steps)
     upsample_steps: int = 64    # importance samples per ray, 0 for none (upstream opt.upsample_steps)
     min_near: float = 0.1       # no sample nearer than this to the ray origin
@@ -176,7 +176,7 @@ def render(field, rays_o, rays_d, aabb, config=None, perturb=False, bg_color=Non
     Rays are rendered max_ray_batch at a time when given (all at once when None); gradients flow
     through every chunk. bg_color may be a number or a tensor broadcastable to (..., 3).
     """
-    config = RenderConfig() if config is None else config
+    config = NeRFRenderConfig() if config is None else config
     prefix = rays_o.shape[:-1]
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     if torch.is_tensor(bg_color) and bg_color.dim() > 1:

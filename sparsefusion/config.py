@@ -2,7 +2,7 @@
 
 train.py (TrainConfig) and demo.py (DemoConfig) both build their configuration with load_layered;
 nested fields are dotted (distill.iterations=500), and an unknown key or a wrong type is a UserError
-naming it.
+naming it. check_choice is the one check of a mode string against its choices, for every module.
 """
 
 from dataclasses import fields, is_dataclass
@@ -58,6 +58,13 @@ def parse_index_list(text, flag, example):
     if any(i < 0 for i in indices):
         raise UserError(f"{flag} {text!r} has a negative index; indices start at 0")
     return indices
+
+
+def check_choice(name, value, choices, error=ValueError):
+    """Return value if it is one of choices, else raise error (ValueError, or UserError for a user's setting) listing them."""
+    if value not in choices:
+        raise error(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def field_help(cls, prefix=""):

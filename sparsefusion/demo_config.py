@@ -9,13 +9,16 @@ dotted (distill.iterations=500, distill.nerf.num_levels=8).
 """
 
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import List
 
-from sparsefusion.config import load_layered, parse_index_list
+from sparsefusion.config import check_choice, load_layered, parse_index_list
 from sparsefusion.data import CO3D_ALL_CATEGORIES, SCENE_SOURCES, expand_categories
+from sparsefusion.data.crop import RESIZE_MODES
 from sparsefusion.data.custom import CustomOptions, check_custom_options
 from sparsefusion.distill import METHODS, DistillConfig
 from sparsefusion.errors import UserError
+from sparsefusion.sampling import HIGH_NOISE_STARTS
 
 UNET_MODES = ("eager", "graph", "compile")
 EFT_MODES = ("upstream", "eval")
@@ -45,7 +48,9 @@ class DemoConfig:
     input_views: int = 2                 # random input views per scene (-v)
     input_names: str = ""                # or these input views: image names (path, file name or stem), comma-separated
     input_index: str = ""                # or these input views: indices into the scene's views, comma-separated
-    seed: int = 0                        # input views are a permutation seeded by seed + scene index
+    seed: int = 0                        # every random draw of scene i (input views, NeRF, noise) from seed + i
+    resize_mode: str = "upstream"        # cameras of resized frames: 'upstream' (one nominal scale, a quirk) or
+                                         # 'exact' (per-axis scales; docs/data.md); not for co3d_toy
 
     # models (''= the default location: checkpoints/sf/{category}/..., checkpoints/sd/sd-v1-3-vae.ckpt)
     eft: str = ""                        # EFT checkpoint (-e)
@@ -58,8 +63,10 @@ class DemoConfig:
     baselines: bool = False              # also score the EFT images, VLDM samples and nearest input views
     unet: str = "graph"                  # UNet on CUDA: 'eager' fp32 as upstream; 'graph' bf16 + CUDA graph;
                                          # 'compile' adds torch.compile
-    precision: str = "fp32"              # 'bf16': autocast of the EFT cache and the eager UNet/LPIPS calls on CUDA
+    precision: str = "fp32"              # 'bf16': autocast of the EFT cache and the eager UNet (VAE, LPIPS stay fp32)
     eft_mode: str = "upstream"           # EFT BatchNorm batch statistics + dropout as upstream, or 'eval'
+    high_noise: str = "upstream"         # guidance noise levels ≥ 0.99: PLMS from t = 1 on the clean latent, as
+                                         # upstream, or 'noised': from the noised one (docs/vldm.md)
     gpus: int = 1                        # processes, one GPU each (-g)
     port: int = 1                        # last digit of the DDP port 1234p (-p)
 
@@ -96,10 +103,10 @@ def parse_indices(text):
 
 def check_demo_config(config):
     """Raise UserError naming the first setting that cannot work, and a value that can."""
-    choices = {"dataset_name": SCENE_SOURCES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS}
+    choices = {"dataset_name": SCENE_SOURCES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS,
+               "resize_mode": RESIZE_MODES, "high_noise": HIGH_NOISE_STARTS, "distill.method": METHODS}
     for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
+        check_choice(name, attrgetter(name)(config), allowed, UserError)
     if config.input_views < 1:
         raise UserError(f"-v/--input_views must be at least 1, got {config.input_views}")
     if config.input_names and config.input_index:
@@ -107,8 +114,6 @@ def check_demo_config(config):
     parse_index_list(config.input_index, "input_index", "0,4")
     check_custom_options(config.custom)
     distill = config.distill
-    if distill.method not in METHODS:
-        raise UserError(f"distill.method must be one of {list(METHODS)}, got {distill.method!r}")
     if distill.iterations < 1:
         raise UserError(f"--iterations must be at least 1, got {distill.iterations}")
     if config.image_size and (distill.train_rays < 1 or config.image_size % distill.train_rays):

@@ -11,26 +11,33 @@ SparseFusion §3.3 (view-conditioned diffusion distillation), as upstream's spar
       + opacity regulariser; Adam step; scheduler step;
    b. fusion step — render a random cached camera, upsample ×2 to 256²;
       up to iteration fusion_start: Huber to the EFT image and to its thresholded mean (the
-      bootstrap); after: encode the render, noise it to a random level t ≤ 0.99, denoise by PLMS,
-      decode, L1 weighted by 1 − ᾱ(t) plus LPIPS(vgg)·0.1; opacity regulariser; Adam step.
+      bootstrap); after: the diffusion guidance (sparsefusion/guidance.py: (1 − ᾱ)·L1 to a VLDM
+      denoising of the render, plus LPIPS(vgg)·0.1 from perceptual_start); opacity regulariser; Adam step.
+
+Randomness: every draw of a scene follows from one seed (reconstruct.py: --seed + scene index): view
+choices and noise levels from a CPU generator, ray jitter and PLMS noise from a device generator,
+and the draws that take no generator (the NeRF's initialisation, the EFT's dropout while caching)
+from the global generators seeded with it and restored afterwards.
 
 The hot loop keeps fixed shapes and makes no host synchronisation except every log_every iterations.
 """
 
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from external.nerf_network import NeRFConfig, NeRFNetwork
-from external.nerf_renderer import RenderConfig as NeRFRenderConfig
 from sparsefusion.camera_path import circle_path
 from sparsefusion.cameras import PerspectiveCameras
-from sparsefusion.eft import huber
-from sparsefusion.eft_render import RenderConfig as FeatureRenderConfig
-from sparsefusion.eft_render import depth_range, feature_cache
-from sparsefusion.perceptual import lpips_distance
+from sparsefusion.config import check_choice
+from sparsefusion.eft_render import FeatureRenderConfig, depth_range, feature_cache
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
+from sparsefusion.external.nerf_renderer import NeRFRenderConfig
+from sparsefusion.guidance import DiffusionGuidance
+from sparsefusion.losses import mean_huber, opacity_term
 from sparsefusion.rays import grid_rays, grid_xy
 from sparsefusion.relative_cameras import relative_cameras
 
@@ -59,8 +66,10 @@ class DistillConfig:
     circle_cameras: int = 50           # extra cameras on the fitted circle for the fusion step
     circle_jitter: float = 0.17        # their random angular jitter, radians
     turntable_frames: int = 50         # frames of the {seq}_circle.gif turntable
-    log_every: int = 20                # loss history, plots and previews every this many iterations
-    precision: str = "fp32"            # "fp32", or "bf16" autocast for the VAE/VLDM/LPIPS calls on CUDA
+    log_every: int = 20                # progress, previews and reading the losses from the device every this
+                                       # many iterations (the history keeps every iteration)
+    precision: str = "fp32"            # "fp32", or "bf16": autocast of the VLDM's UNet in the guidance (the VAE
+                                       # and LPIPS stay fp32; sparsefusion.precision)
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     nerf_render: NeRFRenderConfig = field(default_factory=NeRFRenderConfig)
     features: FeatureRenderConfig = field(default_factory=FeatureRenderConfig)
@@ -99,49 +108,56 @@ def nerf_rays(cameras, n_rays_side, image_size):
     return bundle.origins.flatten(1, 2), bundle.directions.flatten(1, 2)
 
 
-def opacity_term(silhouettes):
-    """Return mean sqrt(s² + 0.01) of silhouettes: upstream's opacity regulariser."""
-    return torch.sqrt(silhouettes ** 2 + 0.01).mean()
+@contextmanager
+def global_rng_seeded(seed, device):
+    """Run a block with the global CPU generator, and device's, seeded by seed; restore both afterwards.
+
+    For the draws that take no generator: module initialisation and dropout.
+    """
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 class Distillation:
-    """One scene's NeRF, its optimiser and the cached EFT outputs; `step` runs one iteration."""
+    """One scene's NeRF, its optimiser, the cached EFT outputs and the guidance; `step` runs one iteration."""
 
-    def __init__(self, models, cameras, images, masks, input_index, config=None, generator=None,
-                 device_generator=None):
-        """Args:
+    def __init__(self, models, cameras, images, masks, input_index, config=None, seed=0, guidance=None):
+        """Build the NeRF and cache the EFT outputs of every augmented camera, ready for `step`.
+
+        Args:
             models: sparsefusion.models.Models.
             cameras: the scene's absolute cameras (N).
             images: (N, 3, S, S) in [0, 1], S = config.image_size; masks: (N, 1, S, S) in [0, 1].
             input_index: the context views, a list of ints.
-            generator: CPU generator for view choices and noise levels; device_generator for noise
-                on the device (PLMS, ray jitter).
+            seed: every random draw of the distillation follows from it (the module docstring says how).
+            guidance: what the fusion steps after fusion_start minimise, called as
+                guidance.loss(renders, features, perceptual) -> {'total', ...}; default the VLDM's
+                DiffusionGuidance drawing from this distillation's generators.
         """
-        self.config = config or DistillConfig()
-        if self.config.method not in METHODS:
-            raise ValueError(f"DistillConfig.method must be one of {METHODS}, got {self.config.method!r}")
+        self.config = cfg = config or DistillConfig()
+        check_choice("DistillConfig.method", cfg.method, METHODS)
         self.models, self.images, self.masks = models, images, masks
         self.input_index = torch.as_tensor(input_index, dtype=torch.long)
-        self.generator, self.device_generator = generator, device_generator
         self.device = images.device
-        self.cameras = scene_cameras(cameras, self.config, generator)
-        self.near, self.far = depth_range(cameras, self.config.features.depth_margin)
-        self.nerf = NeRFNetwork(self.config.nerf).to(self.device).train()
-        self.optimizer = torch.optim.Adam(self.nerf.get_params(self.config.lr), lr=self.config.lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, self.config.lr_step, self.config.lr_gamma)
-        self.train_rays = [nerf_rays(self.cameras.augmented[i], self.config.train_rays, self.config.image_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.cameras = scene_cameras(cameras, cfg, self.generator)
+        self.near, self.far = depth_range(cameras, cfg.features.depth_margin)
+        with global_rng_seeded(seed, self.device):
+            self.nerf = NeRFNetwork(cfg.nerf).to(self.device).train()
+            self.cache = feature_cache(models.eft, self.cameras.augmented, self.input_index,
+                                       images[self.input_index], self.near, self.far, config=cfg.features)
+        self.bootstrap_masks = (self.cache.eft_images.mean(dim=1, keepdim=True) > cfg.bootstrap_threshold).float()
+        self.optimizer = torch.optim.Adam(self.nerf.get_params(cfg.lr), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
+        self.train_rays = [nerf_rays(self.cameras.augmented[i], cfg.train_rays, cfg.image_size)
                            for i in range(len(self.cameras.augmented))]
-        self.cache = None
-
-    def build_cache(self):
-        """Cache EFT features and images of every augmented camera (the context: the input views)."""
-        augmented = self.cameras.augmented
-        context_images = self.images[self.input_index]
-        self.cache = feature_cache(self.models.eft, augmented, self.input_index, context_images,
-                                   self.near, self.far, config=self.config.features)
-        bootstrap_mask = (self.cache.eft_images.mean(dim=1, keepdim=True) > self.config.bootstrap_threshold)
-        self.bootstrap_masks = bootstrap_mask.float()
-        return self.cache
+        self.guidance = guidance or DiffusionGuidance(models, cfg.perceptual_weight, cfg.precision,
+                                                      self.generator, self.device_generator)
 
     def render_train(self, view):
         """Return (images (1, 3, s, s), silhouettes (1, 1, s, s)) of augmented camera view at s = train_rays."""
@@ -152,78 +168,75 @@ class Distillation:
         return (out["image"].reshape(1, side, side, 3).permute(0, 3, 1, 2),
                 out["weights_sum"].reshape(1, 1, side, side))
 
-    def context_loss(self):
-        """Return the context-view loss terms {'color', 'silhouette', 'opacity', 'total'} of a random input view."""
+    def context_view(self):
+        """Return the input view of a context step: the first of a permutation of the input views, as upstream."""
+        return int(self.input_index[torch.randperm(len(self.input_index), generator=self.generator)[0]])
+
+    def fusion_view(self):
+        """Return the cached camera of a fusion step: the second of a permutation of them, as upstream."""
+        return int(torch.randperm(len(self.cache.query_index), generator=self.generator)[1])
+
+    def context_terms(self):
+        """Return the context step's loss terms {'color', 'silhouette', 'opacity', 'total'} on a random input view."""
         cfg = self.config
-        view = int(self.input_index[torch.randperm(len(self.input_index), generator=self.generator)[0]])
+        view = self.context_view()
         images, silhouettes = self.render_train(view)
         factor = cfg.train_rays / cfg.image_size
         target_rgb = F.interpolate(self.images[view:view + 1], scale_factor=factor)
         target_mask = F.interpolate(self.masks[view:view + 1], scale_factor=factor)
-        terms = {
-            "color": huber(images, target_rgb).abs().mean(),
-            "silhouette": huber(silhouettes, target_mask).abs().mean(),
-            "opacity": opacity_term(silhouettes),
-        }
+        terms = {"color": mean_huber(images, target_rgb), "silhouette": mean_huber(silhouettes, target_mask),
+                 "opacity": opacity_term(silhouettes)}
         terms["total"] = (cfg.color_weight * terms["color"] + cfg.silhouette_weight * terms["silhouette"]
                           + cfg.opacity_weight * terms["opacity"])
         return terms
 
-    def fusion_loss(self, iteration):
-        """Return the fusion loss terms {'fusion', 'opacity', 'total'} on a random cached camera."""
+    def fusion_terms(self, iteration):
+        """Return the fusion step's loss terms on a random cached camera.
+
+        'fusion' is upstream's fusion loss: up to fusion_start the bootstrap ('bootstrap_color' +
+        'bootstrap_silhouette', Huber to the EFT image and its mask), after it the guidance's total
+        ('diffusion_l1', 'diffusion_perceptual' from perceptual_start); 'opacity' the regulariser;
+        'total' = fusion + opacity_weight·opacity.
+        """
         cfg = self.config
-        # upstream takes the second entry of a permutation of the cached cameras
-        slot = int(torch.randperm(len(self.cache.query_index), generator=self.generator)[1])
+        slot = self.fusion_view()
         images, silhouettes = self.render_train(slot)
         scale = cfg.image_size / cfg.train_rays
         images = F.interpolate(images, scale_factor=scale, mode="bilinear")
         silhouettes = F.interpolate(silhouettes, scale_factor=scale, mode="bilinear")
         if iteration > cfg.fusion_start:
-            fusion = self.diffusion_loss(images, slot, iteration)
+            guided = self.guidance.loss(images, self.cache.features[slot:slot + 1],
+                                        perceptual=iteration >= cfg.perceptual_start)
+            terms = {"fusion": guided.pop("total"), **{f"diffusion_{name}": term for name, term in guided.items()}}
         else:
-            fusion = (cfg.color_weight * huber(images, self.cache.eft_images[slot:slot + 1]).abs().mean()
-                      + cfg.silhouette_weight * huber(silhouettes, self.bootstrap_masks[slot:slot + 1]).abs().mean())
-        terms = {"fusion": fusion, "opacity": opacity_term(silhouettes)}
-        terms["total"] = fusion + cfg.opacity_weight * terms["opacity"]
+            terms = {"bootstrap_color": mean_huber(images, self.cache.eft_images[slot:slot + 1]),
+                     "bootstrap_silhouette": mean_huber(silhouettes, self.bootstrap_masks[slot:slot + 1])}
+            terms["fusion"] = (cfg.color_weight * terms["bootstrap_color"]
+                               + cfg.silhouette_weight * terms["bootstrap_silhouette"])
+        terms["opacity"] = opacity_term(silhouettes)
+        terms["total"] = terms["fusion"] + cfg.opacity_weight * terms["opacity"]
         return terms
 
-    def diffusion_loss(self, images, slot, iteration):
-        """Return (1 − ᾱ)·L1(render, VLDM denoising of the render) + the perceptual term."""
-        cfg, models = self.config, self.models
-        max_thres = min(max(float(torch.rand(1, generator=self.generator)), 0.0), 0.99)
-        with torch.no_grad(), self._autocast():
-            latents = models.codec.encode_images(images)
-            x0, _, _, alpha_bar = models.vldm.denoise(latents, self.cache.features[slot:slot + 1], max_thres,
-                                                      model=models.unet, generator=self.device_generator)
-            target = models.codec.decode_latents(x0).float().clamp(0.0, 1.0)
-        loss = (1 - alpha_bar.float()).reshape(()) * (images - target).abs().mean()
-        if models.lpips is not None and iteration >= cfg.perceptual_start:
-            loss = loss + cfg.perceptual_weight * lpips_distance(models.lpips, images, target).mean()
-        return loss
-
-    def _autocast(self):
-        enabled = self.config.precision == "bf16" and self.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+    def _descend(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def step(self, iteration):
-        """Run one iteration (context step, then fusion step); return its loss terms as tensors.
+        """Run one iteration (context step, then fusion step); return every loss term, detached 0-d tensors.
 
-        Method 'inputs_only' runs the context step alone (no 'fusion' term).
+        Context terms: 'volumetric' (their weighted total), 'color', 'silhouette', 'opacity'; fusion
+        terms (method 'sparsefusion' only): those of fusion_terms, opacity as 'fusion_opacity'.
         """
-        context = self.context_loss()
-        self.optimizer.zero_grad(set_to_none=True)
-        context["total"].backward()
-        self.optimizer.step()
+        context = self.context_terms()
+        self._descend(context["total"])
         self.scheduler.step()
-        losses = {"volumetric": context["total"].detach(), "opacity": context["opacity"].detach()}
-        if self.config.method == "inputs_only":
-            return losses
-
-        fusion = self.fusion_loss(iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        fusion["total"].backward()
-        self.optimizer.step()
-        return {**losses, "fusion": fusion["fusion"].detach()}
+        terms = {"volumetric": context.pop("total"), **context}
+        if self.config.method == "sparsefusion":
+            fusion = self.fusion_terms(iteration)
+            self._descend(fusion.pop("total"))
+            terms.update(fusion_opacity=fusion.pop("opacity"), **fusion)
+        return {name: term.detach() for name, term in terms.items()}
 
     @torch.no_grad()
     def render(self, cameras, size=None):
@@ -242,20 +255,33 @@ class Distillation:
         return torch.cat(images), torch.cat(silhouettes)
 
 
-@dataclass
 class History:
-    """Loss values every log_every iterations."""
+    """Every loss term of every iteration as floats, read from the device in one transfer per flush."""
 
-    iterations: list = field(default_factory=list)
-    volumetric: list = field(default_factory=list)
-    opacity: list = field(default_factory=list)
-    fusion: list = field(default_factory=list)
+    def __init__(self):
+        self.rows = []      # {term: value} of iterations 0, 1, ...
+        self._pending = []  # rows still on the device, as 0-d tensors
 
-    def append(self, iteration, losses):
-        self.iterations.append(iteration)
-        for name in ("volumetric", "opacity", "fusion"):
-            if name in losses:
-                getattr(self, name).append(float(losses[name]))
+    def append(self, terms):
+        """Keep one iteration's terms {name: 0-d tensor} (no device sync)."""
+        self._pending.append(terms)
+
+    def flush(self):
+        """Read the pending iterations' terms from the device (one sync)."""
+        if not self._pending:
+            return
+        values = iter(torch.stack([term.float() for row in self._pending for term in row.values()]).tolist())
+        self.rows += [{name: next(values) for name in row} for row in self._pending]
+        self._pending = []
+
+    def curves(self, names):
+        """Return {name: values per iteration, NaN where an iteration had none} of the names that occurred."""
+        return {name: [row.get(name, math.nan) for row in self.rows] for name in names
+                if any(name in row for row in self.rows)}
+
+    def latest(self, name):
+        """Return the last value of a term, or None if it never occurred."""
+        return next((row[name] for row in reversed(self.rows) if name in row), None)
 
 
 def run_distillation(distillation, progress=None, on_log=None):
@@ -270,12 +296,12 @@ def run_distillation(distillation, progress=None, on_log=None):
     for iteration in range(cfg.iterations):
         if iteration == cfg.fusion_start + 1:
             clock.lap("bootstrap_s")
-        losses = distillation.step(iteration)
+        history.append(distillation.step(iteration))
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
-            history.append(iteration, losses)
+            history.flush()
             if progress is not None:
-                progress.set_postfix({"vol": f"{history.volumetric[-1]:.4f}",
-                                      **({"fusion": f"{history.fusion[-1]:.4f}"} if history.fusion else {})})
+                shown = {"vol": history.latest("volumetric"), "fusion": history.latest("fusion")}
+                progress.set_postfix({name: f"{value:.4f}" for name, value in shown.items() if value is not None})
             if on_log is not None:
                 on_log(iteration, distillation)
         if progress is not None:

@@ -24,6 +24,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
+from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 from sparsefusion.rays import HarmonicEmbedding
 
@@ -125,8 +126,7 @@ def _projection(channels, width, stride):
 
 def build_backbone(config):
     """Return the EFT's image encoder for an EFTConfig (see its backbone fields)."""
-    if config.backbone not in BACKBONES:
-        raise UserError(f"eft.backbone must be one of {list(BACKBONES)}, got {config.backbone!r}")
+    check_choice("eft.backbone", config.backbone, BACKBONES, UserError)
     if config.backbone == "small":
         return SmallResNet(tuple(config.backbone_widths), tuple(config.backbone_blocks))
     backbone = torchvision.models.resnet18(weights=None)
@@ -304,14 +304,6 @@ class EpipolarFeatureTransformer(nn.Module):
                              dim=-1)  # (V, B·M, 512 + 3)
             patches = maps.reshape(n_views, n_query, n_rays, n_points, -1).permute(1, 2, 3, 0, 4)
         return query, depths, reference, patches
-
-
-def huber(x, y, scaling=0.1):
-    """Return the elementwise pseudo-Huber loss scaling·(sqrt(1 + (x − y)²/scaling²) − 1), as upstream.
-
-    Upstream's EFT colour loss (train.py) is its mean over the rendered rays, masked to the valid region.
-    """
-    return ((1 + (x - y) ** 2 / scaling ** 2).clamp(min=1e-4).sqrt() - 1) * scaling
 
 
 def load_eft(path, config=None, map_location="cpu"):

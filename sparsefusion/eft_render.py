@@ -12,22 +12,24 @@ batch statistics and the transformers' dropout is active. mode="upstream" reprod
 letting rendering move the running statistics); mode="eval" uses running statistics and no dropout.
 """
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sparsefusion.cameras import PerspectiveCameras
+from sparsefusion.config import check_choice
+from sparsefusion.precision import autocast
 from sparsefusion.relative_cameras import relative_cameras
 from sparsefusion.rays import grid_rays, grid_xy
 
 MODES = ("upstream", "eval")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")  # of sparsefusion.precision's
 
 
 @dataclass
-class RenderConfig:
+class FeatureRenderConfig:
     image_size: int = 256          # size of the image whose pixel grid the rays follow (square)
     scale: int = 8                 # rays every `scale` pixels: a 32×32 grid for 256
     n_points: int = 20             # points per ray, evenly spaced between near and far
@@ -37,12 +39,10 @@ class RenderConfig:
     views_per_chunk: int = 8       # query cameras rendered together; bounds memory for any number of views
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"RenderConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"RenderConfig.precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        check_choice("FeatureRenderConfig.mode", self.mode, MODES)
+        check_choice("FeatureRenderConfig.precision", self.precision, PRECISIONS)
         if self.image_size % self.scale:
-            raise ValueError(f"RenderConfig.image_size {self.image_size} is not a multiple of scale {self.scale}")
+            raise ValueError(f"FeatureRenderConfig.image_size {self.image_size} is not a multiple of scale {self.scale}")
 
     @property
     def grid_size(self):
@@ -93,8 +93,7 @@ def eft_mode(eft, mode):
     BatchNorm layers are told not to track running statistics meanwhile, so rendering leaves the
     model's state unchanged. "eval": running statistics, no dropout.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     training = {module: module.training for module in eft.modules()}
     batch_norms = [m for m in eft.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     tracking = {m: m.track_running_stats for m in batch_norms}
@@ -109,11 +108,6 @@ def eft_mode(eft, mode):
             module.training = flag
         for m, flag in tracking.items():
             m.track_running_stats = flag
-
-
-def _autocast(device, precision):
-    dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _chunks(n, size):
@@ -131,17 +125,17 @@ def render_features(eft, query_cameras, context_cameras, context_images, near, f
         near, far: depth range of the ray points (see depth_range).
     The backbone runs once; the query cameras go through the transformers views_per_chunk at a time.
     """
-    config = config or RenderConfig()
+    config = config or FeatureRenderConfig()
     n_query, n_views = len(query_cameras), context_images.shape[0]
     per_query = len(context_cameras) == n_query * n_views and n_query > 1
     outputs = []
     with torch.no_grad(), eft_mode(eft, config.mode):
-        with _autocast(context_images.device, config.precision):
+        with autocast(context_images.device, config.precision):
             context = eft.encode(context_images)
         for chunk in _chunks(n_query, config.views_per_chunk):
             cameras = context_cameras[chunk.start * n_views:chunk.stop * n_views] if per_query else context_cameras
             rays = feature_rays(query_cameras[chunk], near, far, config)
-            with _autocast(context_images.device, config.precision):
+            with autocast(context_images.device, config.precision):
                 outputs.append(eft(rays, cameras, context).packed().float())
     return torch.cat(outputs)
 
@@ -153,7 +147,7 @@ def feature_cache(eft, cameras, context_index, context_images, near, far, query_
     query at the origin (R = I, T = 0), and the context views are cameras[context_index] with images
     context_images (V, 3, H, W). near/far come from the scene's own cameras (depth_range).
     """
-    config = config or RenderConfig()
+    config = config or FeatureRenderConfig()
     if query_index is None:
         query_index = torch.arange(len(cameras))
     query_index = torch.as_tensor(query_index).reshape(-1)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsefusion.config import check_choice
+
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
@@ -36,8 +38,7 @@ class PreparedUnet(nn.Module):
 
     def __init__(self, unet, precision="fp32", channels_last=False):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        check_choice("precision", precision, PRECISIONS)
         self.bf16, self.channels_last = precision == "bf16", channels_last
         if self.bf16 or channels_last:
             unet = copy.deepcopy(unet).requires_grad_(False)
@@ -112,8 +113,7 @@ class _CompiledCudaGraphs:
 def fast_unet(unet, config=None):
     """Return a callable (x, log_snr, cond) -> ε̂ (B, C, H, W) fp32 evaluating unet on the configured fast path."""
     config = config or FastPathConfig()
-    if config.compile_mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {config.compile_mode!r}")
+    check_choice("compile_mode", config.compile_mode, COMPILE_MODES)
     if config.compile_mode == "reduce-overhead" and config.cuda_graph:
         raise ValueError('compile_mode "reduce-overhead" captures CUDA graphs itself; set cuda_graph=False')
     model = PreparedUnet(unet, config.precision, config.channels_last)

@@ -23,15 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict
-from sparsefusion.eft import EpipolarFeatureTransformer, huber, sample_views
+from sparsefusion.eft import EpipolarFeatureTransformer, sample_views
 from sparsefusion.eft_render import depth_range, feature_rays, render_features
+from sparsefusion.losses import huber
 from sparsefusion.outputs import side_by_side
+from sparsefusion.precision import autocast
 from sparsefusion.rays import RayBundle
 from sparsefusion.relative_cameras import sample_query_and_context
-from sparsefusion.training import RANDOM_VAE, precision_context
+from sparsefusion.training import RANDOM_VAE
 from sparsefusion.vae import LatentCodec, LatentCodecConfig, load_latent_codec
 from sparsefusion.vldm import VLDM
 
@@ -219,7 +221,7 @@ class JointObjective:
         packed = render_features(self.eft, batch.query_cameras[:1], batch.context_cameras[:len(batch.context_images)],
                                  batch.context_images, batch.near, batch.far, config.render_config())
         rgb, features = packed.permute(0, 3, 1, 2).split([3, packed.shape[-1] - 3], dim=1)
-        with precision_context(self.device, config.precision):
+        with autocast(self.device, config.precision):
             latents = self.vldm.sample(features, sampler=config.vis_sampler)
         sample = self.codec.decode_latents(latents.float())
         eft_image = F.interpolate(rgb, scale_factor=config.feature_scale, mode="bilinear").clamp(0, 1)

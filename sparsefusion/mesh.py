@@ -128,7 +128,7 @@ def export_mesh(field, path, bound, resolution=256, threshold=10.0):
 
 def main(argv=None):
     """Command line: export the mesh of a saved NeRF checkpoint ({'model_state_dict': ...})."""
-    from external.nerf_network import NeRFConfig, NeRFNetwork
+    from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
     from sparsefusion.checkpoint import load_file, load_state_dict_strict
 
     parser = argparse.ArgumentParser(description="Export a coloured mesh of a fitted NeRF by marching cubes.")

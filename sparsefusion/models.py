@@ -4,7 +4,7 @@ By default upstream's released weights of a category and Stable Diffusion's VAE;
 ship in checkpoints/mini/ (docs/mini.md) load the same way, their architecture stored in the files.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,13 +35,19 @@ QUICK_START = "no weights at hand? `python demo.py --mini` reconstructs with the
 
 @dataclass
 class Models:
-    """The frozen models a distillation uses."""
+    """The frozen models a distillation uses: building the bundle takes their parameters out of autograd."""
 
     eft: torch.nn.Module             # EpipolarFeatureTransformer
     codec: torch.nn.Module           # LatentCodec: images in [0, 1] <-> scaled latents
     vldm: torch.nn.Module            # VLDM, for denoise()
     unet: Optional[Callable] = None  # a fast callable of the VLDM's UNet (fast_model()); None = eager
     lpips: Optional[torch.nn.Module] = None  # LPIPS(vgg) for the perceptual term; None = term off
+
+    def __post_init__(self):
+        # the distillation differentiates through LPIPS into the NeRF: its weights must not collect gradients
+        for model in (self.eft, self.codec, self.vldm, self.lpips):
+            if model is not None:
+                model.requires_grad_(False)
 
     @property
     def latent_stride(self):
@@ -111,14 +117,18 @@ def check_compatible(models, paths):
 
 
 def load_models(category, config, device):
-    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
+    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths.
+
+    The DemoConfig also chooses the UNet path (unet), the VLDM's high_noise start and the VGG weights of LPIPS.
+    """
     check_checkpoints(category, config)
     paths = checkpoint_paths(category, config)
     eft = _load(load_eft, paths["eft"]).to(device)
-    vldm = _load(VLDM.from_checkpoint, paths["vldm"]).to(device).eval().requires_grad_(False)
+    vldm = _load(VLDM.from_checkpoint, paths["vldm"]).to(device).eval()
+    vldm.config = replace(vldm.config, high_noise=config.high_noise)  # a sampling choice, not the architecture
     # fp32: bf16 is no faster at batch 1 (docs/vae.md)
     codec = _load(lambda path: load_latent_codec(path, device=device), paths["vae"])
-    models = Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
+    models = Models(eft=eft, codec=codec, vldm=vldm,
                     unet=unet_callable(vldm, config.unet, torch.device(device)),
                     lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))
     check_compatible(models, paths)

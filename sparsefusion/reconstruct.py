@@ -3,8 +3,9 @@
 Files under the output folder, for scene sequence name {seq} = {category}_{index:03d}_c{views}:
   log/{seq}_inputs.jpg          the input views, side by side
   log/{seq}_eft_grid.jpg        EFT images of the scene's cameras, 8 per row
-  log/{seq}_loss.jpg            context-view losses; log/{seq}_fusionloss.jpg the fusion loss (if any)
-  log/{seq}_vis.jpg             the latest preview: render | silhouette
+  log/{seq}_loss.jpg            the context steps' loss terms per iteration; log/{seq}_fusionloss.jpg the
+                                fusion steps' (bootstrap, diffusion, opacity), if any
+  log/{seq}_vis.jpg             the latest preview of the last circle camera: render | silhouette
   render_imgs/{seq}/NNN.jpg     ground truth | ours, per scene camera
   render_gifs/{seq}.gif         ground truth | EFT | ours | ground-truth mask | our mask
   render_gifs/{seq}_circle.gif  turntable: ours | our mask
@@ -28,6 +29,10 @@ from sparsefusion.baselines import baseline_metrics
 from sparsefusion.data.views import view_indices_by_name
 from sparsefusion.metrics import frame_means, scene_metrics
 from sparsefusion.outputs import image_grid, plot_losses, side_by_side, write_gif, write_image, write_json, write_text
+
+CONTEXT_TERMS = ("volumetric", "color", "silhouette", "opacity")  # Distillation.step's terms, per plot
+FUSION_TERMS = ("fusion", "bootstrap_color", "bootstrap_silhouette", "diffusion_l1", "diffusion_perceptual",
+                "fusion_opacity")
 
 
 def input_views(n_views, scene_index, count, seed=0):
@@ -80,7 +85,7 @@ def hwc(images):
 
 
 def write_preview(out_dir, label, distillation):
-    """Write log/{label}_vis.jpg: the NeRF's render | silhouette of the first augmented circle camera."""
+    """Write log/{label}_vis.jpg: the NeRF's render | silhouette of the last augmented (circle) camera."""
     images, silhouettes = distillation.render(distillation.cameras.augmented[-1:])
     write_image(side_by_side(hwc(images) + hwc(silhouettes)), out_dir / "log" / f"{label}_vis.jpg")
 
@@ -91,10 +96,11 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
     images, silhouettes = renders
     eft_images = distillation.cache.eft_images[:n_views]
     write_image(image_grid(hwc(eft_images), per_row=8), out_dir / "log" / f"{label}_eft_grid.jpg")
-    plot_losses({"volumetric": history.volumetric, "opacity": history.opacity},
-                out_dir / "log" / f"{label}_loss.jpg", title=f"{label} (every {distillation.config.log_every} it.)")
-    if history.fusion:  # method 'inputs_only' has no fusion step
-        plot_losses({"fusion": history.fusion}, out_dir / "log" / f"{label}_fusionloss.jpg")
+    plot_losses(history.curves(CONTEXT_TERMS), out_dir / "log" / f"{label}_loss.jpg",
+                title=f"{label}: context views")
+    fusion_curves = history.curves(FUSION_TERMS)
+    if fusion_curves:  # method 'inputs_only' has no fusion step
+        plot_losses(fusion_curves, out_dir / "log" / f"{label}_fusionloss.jpg", title=f"{label}: fusion steps")
 
     gt, ours, eft = hwc(scene.images), hwc(images), hwc(eft_images)
     gt_masks, our_masks = hwc(scene.masks), hwc(silhouettes)
@@ -132,6 +138,7 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
             False) the silhouette terms are off: config.silhouette_weight = 0.
         progress_factory: callable(total, description) -> tqdm-like bar, or None.
         inputs: the input view indices; None = the first n_inputs of a permutation seeded by seed + scene_index.
+        seed: with scene_index, the seed of every random draw (Distillation's seed is seed + scene_index).
     """
     timings = {}
     n_inputs = n_inputs if inputs is None else len(inputs)
@@ -141,14 +148,11 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
         print(f"warning: {label}: no foreground masks, so the silhouette terms are off and quality is lower; "
               f"docs/data.md ('Masks') says how to make them", file=sys.stderr)
         config = replace(config, silhouette_weight=0.0)
-    generator = torch.Generator().manual_seed(seed + scene_index)
-    device_generator = torch.Generator(device=device).manual_seed(seed + scene_index)
     scene = scene.to(device)
 
     start = time.perf_counter()
     distillation = Distillation(models, scene.cameras, scene.images, scene.masks, inputs, config,
-                                generator=generator, device_generator=device_generator)
-    distillation.build_cache()
+                                seed=seed + scene_index)
     timings["feature_cache_s"] = time.perf_counter() - start
 
     bar = progress_factory(config.iterations, label) if progress_factory else None
@@ -166,7 +170,8 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
              "method": config.method, "input_views": inputs, "n_views": len(scene.images),
              "novel_views": frame_means([metrics["frames"][view] for view in novel])}
     if baselines:
-        extra["baselines"] = baseline_metrics(distillation, scene.images, novel, models.lpips, device_generator)
+        extra["baselines"] = baseline_metrics(distillation, scene.images, novel, models.lpips,
+                                              distillation.device_generator)
     timings["evaluation_s"] = time.perf_counter() - start
     extra["timings"] = timings
     record = write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra)

@@ -16,6 +16,7 @@ shapes and no host synchronisation.
 import torch
 from tqdm import tqdm
 
+from sparsefusion.config import check_choice
 from sparsefusion.schedule import (cosine_log_snr, per_image, predict_start_from_noise, q_posterior, q_sample,
                                    sampling_times, truncated_steps)
 
@@ -126,8 +127,7 @@ def denoise_plms_truncated(model, x0, max_thres, cond=None, plms_steps=50, gener
         max_thres: noise level as a time in [0, 1], a Python float (no device sync).
         cond: the model's conditioning, e.g. EFT features (B, 256, H, W).
     """
-    if high_noise not in HIGH_NOISE_STARTS:
-        raise ValueError(f"high_noise must be one of {HIGH_NOISE_STARTS}, got {high_noise!r}")
+    check_choice("high_noise", high_noise, HIGH_NOISE_STARTS)
     log_snr = cosine_log_snr(torch.full(x0.shape[:1], max_thres, device=x0.device, dtype=x0.dtype))
     noise = randn_like(x0, generator)
     x_noisy = q_sample(x0, log_snr, noise)

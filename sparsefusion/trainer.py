@@ -34,7 +34,8 @@ from sparsefusion.distributed import check_gpu_count, launch, under_torchrun
 from sparsefusion.errors import UserError
 from sparsefusion.joint_objective import JointObjective
 from sparsefusion.outputs import plot_losses, write_image, write_text
-from sparsefusion.training import RANDOM_VAE, check_config, config_yaml, precision_context, set_matmul_precision
+from sparsefusion.precision import autocast, set_matmul_precision
+from sparsefusion.training import RANDOM_VAE, check_config, config_yaml
 from sparsefusion.vae import WHERE_TO_GET as VAE_WHERE_TO_GET
 from sparsefusion.vae_objective import VAEObjective
 
@@ -49,7 +50,7 @@ def train_step(model, objective, batch, precision, device):
     """
     for optimizer in objective.optimizers:
         optimizer.zero_grad(set_to_none=True)
-    with precision_context(device, precision):
+    with autocast(device, precision):
         losses = model(batch)
     losses["total"].backward()
     for optimizer, scheduler in zip(objective.optimizers, objective.schedulers):
@@ -75,9 +76,9 @@ def check_inputs(config):
 
 def open_dataset(config):
     """Return the training scenes the config names (UserError if they are missing)."""
-    options = {} if config.dataset == "co3d_toy" else {"image_size": config.image_size}
     return load_dataset(config.dataset, config.root, config.category, subset=config.subset, split=config.split,
-                        sample_batch_size=config.views_per_scene, **options)
+                        sample_batch_size=config.views_per_scene, image_size=config.image_size,
+                        resize_mode=config.resize_mode)
 
 
 class SeededScenes(torch.utils.data.Dataset):

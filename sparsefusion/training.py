@@ -6,26 +6,25 @@ Two stages share train.py (sparsefusion/trainer.py runs either):
   stage=vae    an AutoencoderKL trained on the dataset's images, for models that do not use Stable
                Diffusion's VAE, such as the mini models (sparsefusion/vae_objective.py).
 
-    config = load_config("configs/mini.yaml", ["stage=vae"])
+    config = load_config("configs/mini_train.yaml", ["stage=vae"])
     run_training(config)                       # sparsefusion.trainer; -g N processes, or torchrun's
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import List
 
-import torch
 from omegaconf import OmegaConf
 
-from external.autoencoder_kl import AutoencoderKLConfig
-from sparsefusion.config import load_layered
+from sparsefusion.external.autoencoder_kl import AutoencoderKLConfig
+from sparsefusion.config import check_choice, load_layered
+from sparsefusion.data.crop import RESIZE_MODES
 from sparsefusion.eft import EFTConfig
-from sparsefusion.eft_render import RenderConfig
+from sparsefusion.eft_render import FeatureRenderConfig
 from sparsefusion.errors import UserError
 from sparsefusion.vldm import VLDMConfig
 
 STAGES = ("joint", "vae")
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")  # of sparsefusion.precision's
 BACKENDS = ("auto", "nccl", "gloo")
 VIS_SAMPLERS = ("ancestral", "plms")
 RANDOM_VAE = "random"
@@ -46,6 +45,8 @@ class TrainConfig:
     views_per_scene: int = 20            # random frames loaded per scene (upstream's sample_batch_size); the
                                          # vae stage trains on all of them at once
     image_size: int = 256                # side of the square images
+    resize_mode: str = "upstream"        # cameras of resized frames: 'upstream' (one nominal scale, a quirk) or
+                                         # 'exact' (per-axis scales; docs/data.md); not for co3d_toy
 
     # where things are
     exp_dir: str = "output/sparsefusion_exp/demo_train/${category}_${stage}"  # checkpoints, logs; resumed from
@@ -100,17 +101,17 @@ class TrainConfig:
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
 
     def render_config(self):
-        """Return the RenderConfig of the EFT's feature grid (upstream mode: BatchNorm batch statistics, dropout)."""
-        return RenderConfig(image_size=self.image_size, scale=self.feature_scale, n_points=self.n_points,
+        """Return the FeatureRenderConfig of the EFT's feature grid (upstream mode: BatchNorm batch statistics, dropout)."""
+        return FeatureRenderConfig(image_size=self.image_size, scale=self.feature_scale, n_points=self.n_points,
                             depth_margin=self.depth_margin, precision="bf16" if self.precision == "bf16" else "fp32")
 
 
 def check_config(config):
     """Raise UserError naming the first setting that is out of range or inconsistent with another."""
-    choices = {"stage": STAGES, "precision": PRECISIONS, "backend": BACKENDS, "vis_sampler": VIS_SAMPLERS}
+    choices = {"stage": STAGES, "precision": PRECISIONS, "backend": BACKENDS, "vis_sampler": VIS_SAMPLERS,
+               "resize_mode": RESIZE_MODES}
     for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise UserError(f"{name} must be one of {list(allowed)}, got {getattr(config, name)!r}")
+        check_choice(name, getattr(config, name), allowed, UserError)
     low_high = list(config.num_input_range)
     if len(low_high) != 2 or not 1 <= low_high[0] < low_high[1]:
         raise UserError(f"num_input_range must be [low, high) with 1 <= low < high, got {low_high}")
@@ -153,14 +154,3 @@ def config_yaml(config):
     """Return the resolved config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
-
-def precision_context(device, precision):
-    """Return the autocast context of a precision: bf16 autocast for 'bf16', none otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def set_matmul_precision(precision):
-    """Allow TF32 matmuls for 'tf32' and restore PyTorch's default ('highest') otherwise."""
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"

@@ -12,9 +12,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from sparsefusion.checkpoint import config_from_dict, config_to_dict, load_file, load_state_dict_strict, save_atomic
+from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
+from sparsefusion.precision import autocast
 
 SCALE_FACTOR = 0.18215  # SD v1's latent scale, giving latents about unit variance (LDM paper, Sec. 4.3.2)
 DEFAULT_VAE_PATH = Path("checkpoints/sd/sd-v1-3-vae.ckpt")
@@ -237,7 +239,7 @@ def save_vae(vae, path, scale_factor=None):
 
 # ------------------------------------------------------------------ the codec used by training and distillation
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # of sparsefusion.precision's
 
 
 @dataclass
@@ -260,15 +262,11 @@ class LatentCodec(nn.Module):
     def __init__(self, vae, config=None):
         super().__init__()
         config = config or LatentCodecConfig()
-        if config.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        check_choice("precision", config.precision, PRECISIONS)
         self.config = config if config.scale_factor is not None else replace(config, scale_factor=SCALE_FACTOR)
         self.vae = vae.eval().requires_grad_(False)
         if config.channels_last:
             self.vae.to(memory_format=torch.channels_last)
-
-    def _autocast(self, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def _layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
@@ -278,13 +276,13 @@ class LatentCodec(nn.Module):
         f = self.vae.downsampling_factor
         if images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[-2:])}")
-        with self._autocast(images.device):
+        with autocast(images.device, self.config.precision):
             posterior = self.vae.encode(self._layout(images * 2.0 - 1.0))
         return posterior.mode().float().contiguous() * self.config.scale_factor
 
     def decode_latents(self, latents):
         """Return images (B, 3, 8h, 8w), float32 in [0, 1] (clamped as upstream), of latents (B, 4, h, w)."""
-        with self._autocast(latents.device):
+        with autocast(latents.device, self.config.precision):
             images = self.vae.decode(self._layout(latents / self.config.scale_factor))
         return ((images.float().contiguous() + 1.0) / 2.0).clamp(0.0, 1.0)
 

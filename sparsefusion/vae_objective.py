@@ -20,19 +20,14 @@ import warnings
 import torch
 from torch import nn
 
-from external.autoencoder_kl import AutoencoderKL
+from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.checkpoint import config_to_dict, load_state_dict_strict
 from sparsefusion.errors import UserError
+from sparsefusion.losses import kl_to_standard_normal
 from sparsefusion.outputs import image_grid
 from sparsefusion.perceptual import build_lpips, lpips_distance, unavailable_message
 
 SCALE_SCENES = 8  # scenes whose latents set the scale factor
-
-
-def kl_to_standard_normal(posterior):
-    """Return KL(q(z|x) ‖ N(0, I)) per image (B,), summed over latents: ½ Σ (μ² + σ² − 1 − log σ²)."""
-    terms = posterior.mean ** 2 + posterior.std ** 2 - 1.0 - posterior.logvar
-    return 0.5 * terms.flatten(1).sum(dim=1)
 
 
 class VAEModel(nn.Module):

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from external.imagen_unet import Unet, UnetConfig
+from sparsefusion.external.imagen_unet import Unet, UnetConfig
 from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
+from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import fast_unet
 from sparsefusion.sampling import HIGH_NOISE_STARTS, denoise_plms_truncated, randn_like, sample_ancestral, sample_plms
@@ -60,8 +61,7 @@ class VLDM(nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config or VLDMConfig()
-        if self.config.high_noise not in HIGH_NOISE_STARTS:
-            raise ValueError(f"high_noise must be one of {HIGH_NOISE_STARTS}, got {self.config.high_noise!r}")
+        check_choice("high_noise", self.config.high_noise, HIGH_NOISE_STARTS)
         self.unets = nn.ModuleList([Unet(self.config.unet)])
 
     @property
@@ -105,8 +105,7 @@ class VLDM(nn.Module):
         sampler "ancestral" runs sample_steps DDPM steps, "plms" upstream's PLMS with plms_steps steps.
         model: the UNet, or a fast version of it (fast_model); defaults to self.unet.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_choice("sampler", sampler, SAMPLERS)
         cfg, model = self.config, model or self.unet
         x = torch.randn(self.latent_shape(cond_images.shape[0]), generator=generator, device=cond_images.device)
         if sampler == "ancestral":

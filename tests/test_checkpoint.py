@@ -35,7 +35,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_configs_round_trip_through_a_checkpoint(tmp_path):
-    from external.imagen_unet import UnetConfig
+    from sparsefusion.external.imagen_unet import UnetConfig
     from sparsefusion.checkpoint import config_from_dict, config_to_dict, stored_config
     from sparsefusion.vldm import VLDMConfig
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import demo
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from external.imagen_unet import UnetConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.imagen_unet import UnetConfig
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.data import load_dataset
 from sparsefusion.data.co3d import CO3DConfig, CO3DDataset

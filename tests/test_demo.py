@@ -1,6 +1,7 @@
 """demo.py end to end on a small synthetic scene with small models saved by our own modules."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import demo
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from external.imagen_unet import UnetConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.imagen_unet import UnetConfig
 from sparsefusion.data.synthetic import main as generate_synthetic
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
@@ -152,6 +153,26 @@ def test_two_processes_split_the_scenes_and_rank_0_summarises(setup, monkeypatch
     assert 'href="#scene-hydrant_000_c2"' in page and 'href="#scene-hydrant_001_c2"' in page
 
 
+def test_another_process_reproduces_a_scene_bit_for_bit(setup):
+    """--seed and the scene index fix every draw: the NeRF's initialisation, the EFT's dropout, views, noise."""
+    outs = [setup / "out_again_1", setup / "out_again_2"]
+    for out in outs:
+        done = subprocess.run([sys.executable, "demo.py", *flags(setup, *SMALL_RUN, "--iterations", "8", "--fusion_start",
+                                                                 "4", "--seed", "3", "-o", str(out))],
+                              cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    label = "hydrant_000_c2"
+    nerfs = [torch.load(out / f"{label}.pt", weights_only=True)["model_state_dict"] for out in outs]
+    assert nerfs[0].keys() == nerfs[1].keys() and all(torch.equal(nerfs[0][k], nerfs[1][k]) for k in nerfs[0])
+    records = [json.loads((out / "metrics" / f"{label}.json").read_text()) for out in outs]
+    for record in records:
+        del record["timings"]
+    assert records[0] == records[1]
+    for name in (f"render_gifs/{label}.gif", f"render_gifs/{label}_circle.gif", f"log/{label}_eft_grid.jpg"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration, the ablation, the baselines, checkpoints that do not fit
 
@@ -168,6 +189,18 @@ def test_yaml_config_then_flags_then_key_value(setup, tmp_path):
     assert load_demo_config(yaml).distill.iterations == 50
     with pytest.raises(UserError, match="bogus"):
         load_demo_config(yaml, ["distill.bogus=1"])
+
+
+def test_each_upstream_quirks_fix_is_reachable_from_the_command_line(setup):
+    from sparsefusion.models import load_models
+
+    config = demo.config_from_args(demo.parse_args(flags(setup, "high_noise=noised", "resize_mode=exact",
+                                                         "distill.eval_perturb=false")))
+    assert demo.open_dataset(config, "hydrant").config.resize_mode == "exact"
+    assert load_models("hydrant", config, "cpu").vldm.config.high_noise == "noised"
+    assert config.distill.eval_perturb is False
+    with pytest.raises(UserError, match="high_noise must be one of 'upstream', 'noised', got 'loud'"):
+        demo.config_from_args(demo.parse_args(flags(setup, "high_noise=loud")))
 
 
 def test_help_lists_every_field_with_its_default():

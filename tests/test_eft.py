@@ -6,14 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsefusion.cameras import PerspectiveCameras, look_at_view_transform
-from sparsefusion.eft import (EFTConfig, EpipolarFeatureTransformer, huber, load_backbone_weights, load_eft,
-                              save_eft)
-from sparsefusion.eft_render import (RenderConfig, eft_mode, feature_cache, feature_grid_xy, render_features)
+from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_backbone_weights, load_eft, save_eft
+from sparsefusion.eft_render import (FeatureRenderConfig, eft_mode, feature_cache, feature_grid_xy, render_features)
 from sparsefusion.errors import UserError
 from sparsefusion.rays import grid_rays, grid_xy, monte_carlo_rays
 from sparsefusion.relative_cameras import relative_cameras
 
-KEYS_TSV = Path(__file__).parent / "data" / "keys_ckpt_latest_eft.tsv"  # copy of shared/reference/keys_full_ckpt_latest_eft.tsv
+KEYS_TSV = Path(__file__).parent / "data" / "keys_ckpt_latest_eft.tsv"  # the released checkpoint's keys and shapes
 TINY = EFTConfig(hidden_dim=32, n_layers=1, backbone_weights="random")
 UNUSED_BACKBONE = ("encoder_model.layer4.", "encoder_model.fc.")  # stored, never used, as upstream
 
@@ -109,7 +108,7 @@ def test_output_shapes_for_grid_and_random_rays():
     assert (out.rgb >= 0).all() and (out.rgb <= 1).all()
     random = monte_carlo_rays(cameras[3:], 7, -1, 1, -1, 1, 2.5, 5.5, 6)
     assert model(random, cameras[:3], context).features.shape == (2, 7, 32)
-    config = RenderConfig(image_size=32, scale=4, n_points=5, mode="eval", views_per_chunk=1)
+    config = FeatureRenderConfig(image_size=32, scale=4, n_points=5, mode="eval", views_per_chunk=1)
     assert render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config).shape == (2, 8, 8, 35)
 
 
@@ -241,12 +240,6 @@ def test_gradients_reach_every_used_parameter_in_training_mode():
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_huber_is_quadratic_near_zero_and_linear_far_away():
-    small, large = torch.tensor(1e-3), torch.tensor(5.0)
-    assert torch.allclose(huber(small, torch.tensor(0.0)), small ** 2 / (2 * 0.1), rtol=1e-3)
-    assert torch.allclose(huber(large, torch.tensor(0.0)), large - 0.1, rtol=1e-3)
-
-
 def test_a_small_eft_learns_to_predict_held_out_views_of_new_scenes():
     """~200 steps of a 1-layer, 128-wide EFT (frozen random backbone) beat the target's mean colour by > 2 dB."""
     model = tiny_model(EFTConfig(hidden_dim=128, n_layers=1, dropout=0.0, backbone_weights="random"))
@@ -288,7 +281,7 @@ def test_a_small_eft_learns_to_predict_held_out_views_of_new_scenes():
 # --- the renderer ---
 
 def test_feature_grid_uses_the_256_pixel_half_pixel_offset():
-    xy = feature_grid_xy(RenderConfig())
+    xy = feature_grid_xy(FeatureRenderConfig())
     assert xy.shape == (32, 32, 2)
     assert torch.allclose(xy[0, 0], torch.tensor([255 / 256, 255 / 256]))
     assert torch.allclose(xy[-1, -1], torch.tensor([-255 / 256, -255 / 256]))
@@ -299,7 +292,7 @@ def test_upstream_mode_uses_batch_statistics_keeps_state_and_restores_flags():
     cameras, images, _ = scene(n_views=4)
     model = tiny_model(EFTConfig(hidden_dim=32, n_layers=1, dropout=0.0, backbone_weights="random"))
     model.eval()
-    config = RenderConfig(image_size=32, scale=8, n_points=4, mode="upstream")
+    config = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="upstream")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     a = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -308,7 +301,7 @@ def test_upstream_mode_uses_batch_statistics_keeps_state_and_restores_flags():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.add_(3.0)
     b = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config)
-    c = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, RenderConfig(
+    c = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, FeatureRenderConfig(
         image_size=32, scale=8, n_points=4, mode="eval"))
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-2)
 
@@ -316,12 +309,12 @@ def test_upstream_mode_uses_batch_statistics_keeps_state_and_restores_flags():
 def test_upstream_mode_keeps_dropout_active():
     cameras, images, _ = scene(n_views=4)
     model = tiny_model()
-    config = RenderConfig(image_size=32, scale=8, n_points=4, mode="upstream")
+    config = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="upstream")
     a = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config)
     b = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config)
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="mode"):
-        RenderConfig(mode="train")
+        FeatureRenderConfig(mode="train")
 
 
 def rigidly_moved(cameras, rotation, translation):
@@ -335,7 +328,7 @@ def rigidly_moved(cameras, rotation, translation):
 def test_feature_cache_puts_each_query_in_its_own_frame_and_chunks_consistently():
     cameras, images, _ = scene(n_views=6)
     model = tiny_model().eval()
-    config = RenderConfig(image_size=32, scale=8, n_points=4, mode="eval", views_per_chunk=4)
+    config = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="eval", views_per_chunk=4)
     context_index = [0, 2, 4]
     cache = feature_cache(model, cameras, context_index, images[context_index], 2.5, 5.5, config=config)
     assert cache.features.shape == (6, 32, 4, 4) and cache.eft_images.shape == (6, 3, 32, 32)
@@ -343,7 +336,7 @@ def test_feature_cache_puts_each_query_in_its_own_frame_and_chunks_consistently(
     rotation = torch.linalg.qr(torch.randn(3, 3))[0]
     rotation = rotation * torch.det(rotation)
     moved = rigidly_moved(cameras, rotation, torch.tensor([[0.3, -1.0, 2.0]]))
-    single = RenderConfig(image_size=32, scale=8, n_points=4, mode="eval", views_per_chunk=1)
+    single = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="eval", views_per_chunk=1)
     again = feature_cache(model, moved, context_index, images[context_index], 2.5, 5.5, config=single)
     assert torch.allclose(cache.features, again.features, atol=1e-4)
     one = feature_cache(model, cameras, context_index, images[context_index], 2.5, 5.5, query_index=[3], config=config)
@@ -360,8 +353,8 @@ def test_feature_cache_puts_each_query_in_its_own_frame_and_chunks_consistently(
 def test_bf16_autocast_stays_close_to_fp32_on_cpu():
     cameras, images, _ = scene(n_views=4)
     model = tiny_model().eval()
-    fp32 = RenderConfig(image_size=32, scale=8, n_points=4, mode="eval")
-    bf16 = RenderConfig(image_size=32, scale=8, n_points=4, mode="eval", precision="bf16")
+    fp32 = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="eval")
+    bf16 = FeatureRenderConfig(image_size=32, scale=8, n_points=4, mode="eval", precision="bf16")
     a = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, fp32)
     b = render_features(model, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, bf16)
     assert b.dtype == torch.float32
@@ -372,11 +365,11 @@ def test_bf16_autocast_stays_close_to_fp32_on_cpu():
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_rendering_matches_cpu_fp32(precision, full_eft):
     cameras, images, _ = scene(n_views=4, size=64)
-    config = RenderConfig(image_size=64, scale=8, mode="eval")
+    config = FeatureRenderConfig(image_size=64, scale=8, mode="eval")
     reference = render_features(full_eft, cameras[3:], cameras[:3], images[:3], 2.5, 5.5, config)
     model = EpipolarFeatureTransformer(EFTConfig(backbone_weights="random")).cuda()
     model.load_state_dict(full_eft.state_dict())
-    gpu = RenderConfig(image_size=64, scale=8, mode="eval", precision=precision)
+    gpu = FeatureRenderConfig(image_size=64, scale=8, mode="eval", precision=precision)
     out = render_features(model, cameras[3:].to("cuda"), cameras[:3].to("cuda"), images[:3].cuda(), 2.5, 5.5, gpu)
     tolerance = {"fp32": 1e-3, "bf16": 0.03, "fp16": 0.01}[precision]
     assert (out.cpu() - reference).norm() / reference.norm() < tolerance
@@ -405,5 +398,5 @@ def test_small_backbone_round_trips_through_save_and_load(tmp_path):
 
 
 def test_unknown_backbone_is_refused_naming_the_choices():
-    with pytest.raises(UserError, match=r"eft.backbone must be one of \['resnet18', 'small'\]"):
+    with pytest.raises(UserError, match="eft.backbone must be one of 'resnet18', 'small', got 'resnet50'"):
         EpipolarFeatureTransformer(EFTConfig(backbone="resnet50"))

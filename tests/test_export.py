@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from external.imagen_unet import UnetConfig
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from sparsefusion.external.imagen_unet import UnetConfig
 from sparsefusion.checkpoint import config_to_dict
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, load_eft
 from sparsefusion.errors import UserError

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from external.gridencoder import GridConfig, GridEncoder, grid_encode, grid_levels, resolve_backend, triton_available
-from external.gridencoder.reference import level_corners
-from external.gridencoder.tcnn_backend import tcnn_available
+from sparsefusion.external.gridencoder import GridConfig, GridEncoder, grid_encode, grid_levels, resolve_backend, triton_available
+from sparsefusion.external.gridencoder.reference import level_corners
+from sparsefusion.external.gridencoder.tcnn_backend import tcnn_available
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -148,7 +148,7 @@ def test_backend_names_are_checked_and_auto_picks_torch_on_cpu():
 
 def compare_triton_with_reference(device, n_points, configs):
     """Return, per config, the largest error of Triton's outputs and gradients relative to the reference's."""
-    from external.gridencoder.triton_kernel import grid_encode_triton
+    from sparsefusion.external.gridencoder.triton_kernel import grid_encode_triton
 
     generator = torch.Generator().manual_seed(0)
     errors = []

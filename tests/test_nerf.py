@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from external.nerf_network import NeRFConfig, NeRFNetwork, density_blob, trunc_exp
-from external.nerf_renderer import (
-    RenderConfig,
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork, density_blob, trunc_exp
+from sparsefusion.external.nerf_renderer import (
+    NeRFRenderConfig,
     near_far_from_aabb,
     render,
     sample_pdf,
@@ -113,8 +113,8 @@ def closed_form_slab(sigma, near, far, enter, leave):
 
 
 @pytest.mark.parametrize("config,tolerance", [
-    (RenderConfig(num_steps=4000, upsample_steps=0), 2e-3),
-    (RenderConfig(), 3e-2),
+    (NeRFRenderConfig(num_steps=4000, upsample_steps=0), 2e-3),
+    (NeRFRenderConfig(), 3e-2),
 ])
 def test_constant_density_slab_matches_closed_form_transmittance(config, tolerance):
     rays_o = torch.tensor([[0.3, -0.2, -10.0], [0.0, 0.0, -10.0]])
@@ -156,7 +156,7 @@ def test_chunked_rendering_equals_rendering_at_once():
     with torch.no_grad():
         whole = network.render(rays_o, rays_d)
         chunked = network.render(rays_o.reshape(3, 50, 3), rays_d.reshape(3, 50, 3),
-                                 RenderConfig(max_ray_batch=64), staged=True)
+                                 NeRFRenderConfig(max_ray_batch=64), staged=True)
     for key in ("image", "depth", "weights_sum"):
         assert torch.allclose(whole[key], chunked[key].reshape(whole[key].shape), atol=1e-6)
     assert chunked["image"].shape == (3, 50, 3) and chunked["weights_sum"].shape == (3, 50)
@@ -225,7 +225,7 @@ def test_nerf_fits_eight_views_of_a_synthetic_scene():
 
     network = small_network()
     optimizer = torch.optim.Adam(network.get_params(3e-3), betas=(0.9, 0.99), eps=1e-15)
-    config = RenderConfig(num_steps=24, upsample_steps=24)
+    config = NeRFRenderConfig(num_steps=24, upsample_steps=24)
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
         batch = torch.randint(0, len(train_o), (256,), generator=generator)

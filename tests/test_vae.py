@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from external.autoencoder_kl import (
+from sparsefusion.external.autoencoder_kl import (
     AttnBlock,
     AutoencoderKL,
     AutoencoderKLConfig,
@@ -27,11 +27,11 @@ from sparsefusion.vae import (
     load_vae,
 )
 
-KEYS_TSV = Path(__file__).parent / "data" / "keys_sd-v1-3-vae.tsv"  # copy of shared/reference/keys_full_sd-v1-3-vae.tsv
+KEYS_TSV = Path(__file__).parent / "data" / "keys_sd-v1-3-vae.tsv"  # the released VAE's keys and shapes
 TINY = AutoencoderKLConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)
 # SD's level structure (f = 8) at a width that runs fast on a CPU.
 NARROW_SD = AutoencoderKLConfig(ch=8, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=4)
-# Keys and shapes printed in ../shared/reference/KEYS.md for sd-v1-3-vae.ckpt (prefix first_stage_model. removed).
+# Keys and shapes of sd-v1-3-vae.ckpt (prefix first_stage_model. removed).
 KEYS_MD_SAMPLE = {
     "encoder.conv_in.weight": (128, 3, 3, 3),
     "encoder.down.0.block.0.norm1.weight": (128,),

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from external.imagen_unet import PixelShuffleUpsample, Unet, UnetConfig
+from sparsefusion.external.imagen_unet import PixelShuffleUpsample, Unet, UnetConfig
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import FastPathConfig, PreparedUnet, fast_unet
 from sparsefusion.schedule import COSINE_S, cosine_log_snr, q_sample

@@ -15,7 +15,8 @@ import importlib.util
 import torch
 from torch import nn
 
-from external.gridencoder.reference import GridConfig, GridLevels, check_choice, grid_encode_reference, grid_levels
+from sparsefusion.external.gridencoder.reference import GridConfig, GridLevels, grid_encode_reference, grid_levels
+from sparsefusion.config import check_choice
 
 __all__ = ["BACKENDS", "GridConfig", "GridEncoder", "GridLevels", "grid_encode", "grid_levels", "resolve_backend"]
 
@@ -51,11 +52,11 @@ def grid_encode(inputs, embeddings, levels, backend="auto"):
     if name == "torch":
         features = grid_encode_reference(points, embeddings, levels)
     elif name == "triton":
-        from external.gridencoder.triton_kernel import grid_encode_triton
+        from sparsefusion.external.gridencoder.triton_kernel import grid_encode_triton
 
         features = grid_encode_triton(points, embeddings, levels)
     else:
-        from external.gridencoder.tcnn_backend import grid_encode_tcnn
+        from sparsefusion.external.gridencoder.tcnn_backend import grid_encode_tcnn
 
         features = grid_encode_tcnn(points, embeddings, levels)
     return features.reshape(*prefix, levels.output_dim)

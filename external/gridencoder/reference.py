@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from sparsefusion.config import check_choice
+
 GRID_TYPES = ("hash", "tiled")
 
 # torch-ngp's (and tiny-cuda-nn's) per-dimension hash factors; the first is 1 for memory coherence.
@@ -86,13 +88,6 @@ class GridLevels:
     def position_shift(self):
         """Return the ½ cell offset of torch-ngp's default alignment, or 0 with align_corners."""
         return 0.0 if self.align_corners else 0.5
-
-
-def check_choice(name, value, choices):
-    """Return value if it is one of choices, else raise ValueError listing them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
 
 
 def per_level_scale_of(config):

@@ -21,8 +21,9 @@ _META_INT = 5  # per level: first row, table size, vertices per axis, dense dims
 def _level_tables(levels, device):
     """Return the per-level constants on a device: ((L, 5) int64, (L,) float32), built once per layout."""
     ints = [
-        [levels.offsets[l], levels.table_size(l), levels.axis_size(l), levels.dense_dims(l), int(levels.is_hashed(l))]
-        for l in range(levels.num_levels)
+        [levels.offsets[level], levels.table_size(level), levels.axis_size(level), levels.dense_dims(level),
+         int(levels.is_hashed(level))]
+        for level in range(levels.num_levels)
     ]
     return (
         torch.tensor(ints, dtype=torch.int64, device=device),

@@ -30,8 +30,9 @@ import torch
 from PIL import Image
 
 from sparsefusion.cameras import PerspectiveCameras
+from sparsefusion.config import check_choice
 from sparsefusion.data.categories import expand_categories
-from sparsefusion.data.crop import (check_resize_mode, crop_and_resize, cropped_cameras, pixel_to_ndc_intrinsics,
+from sparsefusion.data.crop import (RESIZE_MODES, crop_and_resize, cropped_cameras, pixel_to_ndc_intrinsics,
                                     valid_region_box)
 from sparsefusion.data.scene import Scene
 from sparsefusion.errors import UserError
@@ -206,9 +207,8 @@ class CO3DDataset(torch.utils.data.Dataset):
     """Scenes (one per sequence) of CO3Dv2 categories; dataset[i] is a Scene."""
 
     def __init__(self, config: CO3DConfig):
-        if config.split not in SPLITS:
-            raise UserError(f"split must be one of {SPLITS}, got {config.split!r}")
-        check_resize_mode(config.resize_mode)
+        check_choice("split", config.split, SPLITS, UserError)
+        check_choice("resize_mode", config.resize_mode, RESIZE_MODES, UserError)
         self.config = config
         self.categories = expand_categories(config.category)
         frames = [f for c in self.categories for f in read_category(config.root, c, config.subset, config.split)]

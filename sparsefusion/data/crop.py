@@ -17,14 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from sparsefusion.cameras import PerspectiveCameras
+from sparsefusion.config import check_choice
 
 RESIZE_MODES = ("upstream", "exact")
-
-
-def check_resize_mode(mode):
-    """Raise ValueError unless mode is one of RESIZE_MODES."""
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
 
 
 def ndc_to_pixel_intrinsics(focal_length, principal_point, image_hw):
@@ -124,7 +119,7 @@ def camera_scales(scale, crop_hw, content_hw, resize_mode="upstream"):
     content/crop per axis, so projections drift by up to a pixel at the far edge of the shorter
     side. "exact" uses content/crop per axis, so projections match the resized image exactly.
     """
-    check_resize_mode(resize_mode)
+    check_choice("resize_mode", resize_mode, RESIZE_MODES)
     if resize_mode == "upstream":
         return torch.tensor([scale, scale], dtype=torch.float64)
     return torch.tensor([content_hw[1] / crop_hw[1], content_hw[0] / crop_hw[0]], dtype=torch.float64)

@@ -20,10 +20,11 @@ from typing import Tuple
 
 import torch
 
+from sparsefusion.config import check_choice
 from sparsefusion.data.co3d import parse_frame, read_image, read_jgz, viewpoint_to_pixels
 from sparsefusion.data.colmap import find_model, read_colmap_views
 from sparsefusion.data.conventions import opencv_from_ours
-from sparsefusion.data.crop import check_resize_mode, crop_and_resize, cropped_cameras, valid_region_box
+from sparsefusion.data.crop import RESIZE_MODES, crop_and_resize, cropped_cameras, valid_region_box
 from sparsefusion.data.nerfstudio import read_transforms_views
 from sparsefusion.data.scene import Scene
 from sparsefusion.data.scene_scale import DEFAULT_DISTANCE, co3d_like_normalization, normalized_cameras
@@ -77,8 +78,7 @@ class CustomConfig(CustomOptions):
 def check_custom_options(options):
     """Raise UserError naming the first field of CustomOptions with a value that cannot work."""
     for name, allowed in (("cameras", CAMERA_FORMATS), ("normalize", NORMALIZE_MODES)):
-        if getattr(options, name) not in allowed:
-            raise UserError(f"custom.{name} must be one of {list(allowed)}, got {getattr(options, name)!r}")
+        check_choice(f"custom.{name}", getattr(options, name), allowed, UserError)
     if not options.camera_distance > 0:
         raise UserError(f"custom.camera_distance must be positive, got {options.camera_distance}")
     if options.max_views < 0:
@@ -190,7 +190,7 @@ class CustomDataset(torch.utils.data.Dataset):
 
     def __init__(self, config: CustomConfig):
         check_custom_options(config)
-        check_resize_mode(config.resize_mode)
+        check_choice("resize_mode", config.resize_mode, RESIZE_MODES, UserError)
         self.config = config
         root = Path(config.root)
         if not root.is_dir():

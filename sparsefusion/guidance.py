@@ -1,0 +1,78 @@
+"""Diffusion guidance: what the VLDM makes of the NeRF's renders, as the loss the distillation minimises.
+
+SparseFusion §3.3, as upstream's distillation step after iteration 1000. For renders x (B, 3, S, S)
+in [0, 1] and the cached EFT features of their cameras:
+
+1. noise level: t ~ U[0, 1) clamped to at most 0.99, one draw of the CPU generator per call;
+2. encode: z = E(x), the VAE posterior's mode, scaled;
+3. truncated PLMS: z noised to time t, then denoised to time 0 conditioned on the features: ẑ_0;
+4. decode: x̂ = D(ẑ_0) clamped to [0, 1], the target (steps 1–4 see no gradient);
+5. loss: (1 − ᾱ(t))·mean|x − x̂| (the weight grows with the noise level), plus, when asked,
+   perceptual_weight·LPIPS(x, x̂); gradients reach the NeRF through x only.
+
+The loop (sparsefusion/distill.py) owns the NeRF, the cameras and the schedule; it calls `loss`. All B
+renders share one noise level, so a batched caller can stack the renders of several views or scenes
+into one call of `targets` (one UNet batch per PLMS step).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsefusion.losses import weighted_l1
+from sparsefusion.perceptual import lpips_distance
+from sparsefusion.precision import autocast
+
+MAX_NOISE_LEVEL = 0.99  # upstream clamps its draw here; from 0.99 on its PLMS restarts at t = 1 (VLDMConfig.high_noise)
+
+
+@dataclass
+class GuidanceTargets:
+    """The VLDM's denoisings of B renders at one noise level."""
+
+    images: torch.Tensor   # (B, 3, S, S) in [0, 1], no gradient
+    weights: torch.Tensor  # (B,) 1 − ᾱ(t): the L1 weight of each target
+    noise_level: float     # t in [0, 0.99]
+
+
+class DiffusionGuidance:
+    """Turns renders into the distillation's diffusion loss through frozen VAE, VLDM and LPIPS models."""
+
+    def __init__(self, models, perceptual_weight=0.1, precision="fp32", generator=None, device_generator=None):
+        """Args:
+            models: sparsefusion.models.Models (codec, vldm, unet, lpips; lpips None = no perceptual term).
+            perceptual_weight: weight of the LPIPS term.
+            precision: autocast of the VLDM's UNet (sparsefusion.precision); the VAE keeps its own.
+            generator: CPU generator of the noise levels; device_generator: of the PLMS noise.
+        """
+        self.models, self.perceptual_weight, self.precision = models, perceptual_weight, precision
+        self.generator, self.device_generator = generator, device_generator
+
+    def draw_noise_level(self):
+        """Return t = min(U[0, 1), 0.99), a Python float from the CPU generator (no device sync)."""
+        return min(float(torch.rand(1, generator=self.generator)), MAX_NOISE_LEVEL)
+
+    @torch.no_grad()
+    def targets(self, images, features, noise_level):
+        """Return the GuidanceTargets of renders images (B, 3, S, S) in [0, 1] with EFT features (B, C, h, w)."""
+        models = self.models
+        with autocast(images.device, self.precision):
+            latents = models.codec.encode_images(images)
+            denoised, _, _, alpha_bar = models.vldm.denoise(latents, features, noise_level, model=models.unet,
+                                                             generator=self.device_generator)
+            target = models.codec.decode_latents(denoised).float().clamp(0.0, 1.0)
+        return GuidanceTargets(images=target, weights=1 - alpha_bar.float(), noise_level=noise_level)
+
+    def loss(self, images, features, perceptual=True):
+        """Return the loss terms {'l1', ['perceptual',] 'total'} (scalars) of renders images (B, 3, S, S).
+
+        'l1' is the (1 − ᾱ)-weighted L1 to the targets; 'perceptual' the mean LPIPS to them, present when
+        perceptual is True and the models have LPIPS; 'total' = l1 + perceptual_weight·perceptual.
+        """
+        targets = self.targets(images, features, self.draw_noise_level())
+        terms = {"l1": weighted_l1(images, targets.images, targets.weights)}
+        terms["total"] = terms["l1"]
+        if perceptual and self.models.lpips is not None:
+            terms["perceptual"] = lpips_distance(self.models.lpips, images, targets.images).mean()
+            terms["total"] = terms["total"] + self.perceptual_weight * terms["perceptual"]
+        return terms
