@@ -19,7 +19,7 @@ from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
 from sparsefusion.metrics import psnr, ssim
 from sparsefusion.vae import save_vae
-from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
+from sparsefusion.vldm import VLDM, VLDMConfig, save_vldm
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, TURNTABLE = 32, 3
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
     save_eft(eft, root / "eft.pt")
     vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=16), image_size=SIZE // 8))
-    vldm.save_checkpoint(root / "vldm.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, root / "vldm.pt")
     vae = AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4))
     save_vae(vae, root / "vae.ckpt")
     return root
@@ -230,7 +230,7 @@ def test_nearest_input_view_is_the_closest_viewing_direction():
 
 def test_checkpoints_that_do_not_fit_together_are_named(setup, tmp_path, capsys):
     vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=8), image_size=SIZE // 8))
-    vldm.save_checkpoint(tmp_path / "vldm8.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, tmp_path / "vldm8.pt")
     with pytest.raises(SystemExit):
         demo.main(flags(setup, *SMALL_RUN, "-l", str(tmp_path / "vldm8.pt")))
     err = capsys.readouterr().err.strip().splitlines()[-1]
