@@ -19,6 +19,7 @@ from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.joint_objective import colors_at_rays, draw_query_and_context_size, training_batch, valid_loss_mask
 from sparsefusion.trainer import Trainer, check_inputs, run_training
+from sparsefusion.outputs import LABEL_HEIGHT
 from sparsefusion.relative_cameras import relative_cameras
 from sparsefusion.training import load_config
 from sparsefusion.vae import load_latent_codec, save_vae
@@ -197,8 +198,9 @@ def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
     vldm_ckpt = load_file(exp / "ckpt_latest.pt", "VLDM checkpoint")
     eft_ckpt = load_file(exp / "ckpt_latest_eft.pt", "EFT checkpoint")
     assert set(vldm_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
-                              "config", "train_config", "rng_state"}
-    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
+                              "config", "train_config", "rng_state", "checksum"}
+    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config",
+                             "checksum"}
     assert vldm_ckpt["step"] == eft_ckpt["step"] == 2
     assert vldm_ckpt["train_config"] == asdict(config)
     assert eft_ckpt["scheduler_state_dict"]["last_epoch"] == 2
@@ -212,7 +214,8 @@ def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
 
     import imageio.v2 as imageio
     image = imageio.imread(exp / "log" / "train_000002.jpg")
-    assert image.shape[0] == 64 and image.shape[1] % 64 == 0 and 5 <= image.shape[1] // 64 <= 8  # V + 3 panels
+    assert image.shape[0] == 64 + LABEL_HEIGHT and image.shape[1] % 64 == 0 and 5 <= image.shape[1] // 64 <= 8
+    assert image[:LABEL_HEIGHT].max() > 128 and image[:LABEL_HEIGHT].min() < 64  # V + 3 panels, captioned
 
 
 def test_resumed_run_matches_an_uninterrupted_one(small_config, tmp_path):
@@ -346,7 +349,7 @@ def test_vae_stage_learns_and_writes_a_vae_file_with_its_scale(small_config, tmp
     assert loss() < 0.7 * before
     ckpt = load_file(tmp_path / "vae" / "ckpt_latest_vae.pt", "VAE checkpoint")
     assert set(ckpt) == {"step", "state_dict", "config", "scale_factor", "optimizer_state_dict",
-                         "scheduler_state_dict", "train_config", "rng_state"}
+                         "scheduler_state_dict", "train_config", "rng_state", "checksum"}
     reference = torch.cat([trainer.dataset[(0, i)].images for i in range(len(trainer.dataset))])
     with torch.no_grad():
         modes = trainer.objective.vae.eval().encode(reference * 2 - 1).mode()
