@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from sparsefusion.eft import load_eft
-from sparsefusion.errors import UserError
+from sparsefusion.checkpoint import file_problem
+from sparsefusion.errors import UserError, raise_problems
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
 from sparsefusion.perceptual import build_lpips
 from sparsefusion.vae import load_latent_codec
@@ -64,15 +65,24 @@ def is_mini(path):
     return Path(path).resolve().parent == MINI_FOLDER.resolve()
 
 
-def check_checkpoints(category, config):
-    """Raise UserError naming the first checkpoint that is missing and how to get it."""
+def checkpoint_problems(category, config):
+    """Return one line for each of a category's checkpoints that is missing or a folder, naming how to get it."""
+    problems = []
     for name, path in checkpoint_paths(category, config).items():
-        if path.is_file():
-            continue
-        if is_mini(path):
-            raise UserError(f"{name.upper()} checkpoint not found at {path}; {MINI_FIX}")
-        raise UserError(f"{name.upper()} checkpoint not found at {path}; get it from "
-                        f"{WHERE_TO_GET[name].format(category=category)} (or pass {FLAGS[name]}); {QUICK_START}")
+        problem = file_problem(path, f"{name.upper()} checkpoint")
+        if problem is None or path.is_dir():
+            problems += [problem] if problem else []
+        elif is_mini(path):
+            problems.append(f"{problem}; {MINI_FIX}")
+        else:
+            where = WHERE_TO_GET[name].format(category=category)
+            problems.append(f"{problem}; get it from {where} (or pass {FLAGS[name]}); {QUICK_START}")
+    return problems
+
+
+def check_checkpoints(category, config):
+    """Raise one UserError naming every checkpoint of a category that is missing, and how to get it."""
+    raise_problems(checkpoint_problems(category, config))
 
 
 UNET_PATHS = {  # --unet: how the distillation evaluates the UNet on CUDA (benchmarks/bench_vldm.py, docs/vldm.md)
@@ -110,16 +120,22 @@ def check_compatible(models, paths):
                         f"VLDM at {paths['vldm']} denoises {unet.channels}: use checkpoints trained together")
 
 
-def load_models(category, config, device):
-    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
+def load_checkpoints(category, config, device):
+    """Return the Models of a category's three checkpoints on device, checked to fit together (no fast UNet, no LPIPS)."""
     check_checkpoints(category, config)
     paths = checkpoint_paths(category, config)
     eft = _load(load_eft, paths["eft"]).to(device)
     vldm = _load(VLDM.from_checkpoint, paths["vldm"]).to(device).eval().requires_grad_(False)
     # fp32: bf16 is no faster at batch 1 (docs/vae.md)
     codec = _load(lambda path: load_latent_codec(path, device=device), paths["vae"])
-    models = Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm,
-                    unet=unet_callable(vldm, config.unet, torch.device(device)),
-                    lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))
+    models = Models(eft=eft.requires_grad_(False), codec=codec, vldm=vldm)
     check_compatible(models, paths)
+    return models
+
+
+def load_models(category, config, device):
+    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
+    models = load_checkpoints(category, config, device)
+    models.unet = unet_callable(models.vldm, config.unet, torch.device(device))
+    models.lpips = build_lpips("vgg", backbone=config.vgg_weights or None, device=device)
     return models
