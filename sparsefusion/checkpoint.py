@@ -69,9 +69,11 @@ def load_file(path, what, where_to_get=None, map_location="cpu", safe_globals=()
 def load_failure(err):
     """Return one line saying why torch.load refused a file: a pickled object that is not a tensor, or corruption."""
     text = str(err)
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if unsafe:
-        return (f"it holds a pickled object ({unsafe.group(1)}) besides tensors, refused as unsafe; "
+    # PyTorch words it "Unsupported global: GLOBAL x" or "unsupported GLOBAL x whose module ..." by version
+    unsafe = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    if unsafe or "Weights only load failed" in text:
+        what = f" ({unsafe.group(1)})" if unsafe else ""
+        return (f"it holds a pickled object{what} besides tensors, refused as unsafe; "
                 f"is it a checkpoint of this project?")
     first_line = text.strip().splitlines()[0] if text.strip() else ""
     return f"truncated, corrupt or not a checkpoint ({type(err).__name__}: {first_line})"
