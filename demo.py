@@ -130,7 +130,7 @@ def preflight(config):
     from sparsefusion.errors import problems_of, raise_problems
     from sparsefusion.models import checkpoint_problems, load_checkpoints
 
-    problems, needed_bytes = [], 0
+    problems, view_counts = [], []
     for category in config.categories:
         problems += checkpoint_problems(category, config)
         try:
@@ -138,13 +138,13 @@ def preflight(config):
         except UserError as err:
             problems += str(err).splitlines()
             continue
-        found, scene_bytes = scene_problems(config, category, dataset, parse_indices(config.idx))
+        found, counts = scene_problems(config, category, dataset, parse_indices(config.idx))
         problems += found
-        needed_bytes += scene_bytes
+        view_counts += counts
     if not problems and config.gpus > 1:
         problems += problems_of(*[lambda category=category: with_image_size(
             config, *models_size(load_checkpoints(category, config, "cpu"))) for category in config.categories])
-    problems += writable_folder_problems(config.output, needed_bytes, "output folder -o")
+    problems += writable_folder_problems(config.output, output_bytes(config, view_counts), "output folder -o")
     raise_problems(problems)
 
 
@@ -154,7 +154,7 @@ def models_size(models):
 
 
 def scene_problems(config, category, dataset, indices):
-    """Return (one line per problem with the requested scenes of a category, about the bytes their outputs take).
+    """Return (one line per problem with the requested scenes of a category, the view counts of the good ones).
 
     Every scene in range is loaded: its files, masks and cameras are read now, not after earlier scenes ran.
     """
@@ -164,7 +164,7 @@ def scene_problems(config, category, dataset, indices):
     outside = [index for index in indices if index >= len(dataset)]
     problems = [f"-i/--idx {','.join(map(str, outside))} is out of range: {category} has {len(dataset)} scenes "
                 f"(0..{len(dataset) - 1})"] if outside else []
-    needed_bytes = 0
+    view_counts = []
     for index in (index for index in indices if index < len(dataset)):
         try:
             scene = dataset[index]
@@ -180,12 +180,12 @@ def scene_problems(config, category, dataset, indices):
                      for what, views in unusable_cameras(scene.cameras).items()]
         if not bool(scene.images.isfinite().all()):
             problems.append(f"{category} scene {index} ({scene.sequence_name}): its images hold NaN or infinite values")
-        needed_bytes += scene_output_bytes(config, n_views)
-    return problems, needed_bytes
+        view_counts.append(n_views)
+    return problems, view_counts
 
 
-def scene_output_bytes(config, n_views):
-    """Return about the bytes a scene's outputs take: the NeRF file, the frames and GIFs, the mesh."""
+def output_bytes(config, view_counts):
+    """Return about the bytes the outputs of scenes of view_counts views take: NeRF files, frames and GIFs, meshes."""
     import torch
 
     from external.nerf_network import NeRFNetwork
@@ -193,7 +193,8 @@ def scene_output_bytes(config, n_views):
     with torch.device("meta"):
         nerf_values = sum(parameter.numel() for parameter in NeRFNetwork(config.distill.nerf).parameters())
     side = config.image_size or 256  # the models' size is known once they are loaded; upstream's is 256
-    return 4 * nerf_values + 8 * 3 * side * side * n_views + 64 * config.mesh_resolution ** 2
+    per_scene = 4 * nerf_values + 64 * config.mesh_resolution ** 2
+    return len(view_counts) * per_scene + 8 * 3 * side * side * sum(view_counts)
 
 
 def scene_label(config, category, scene_index):

@@ -97,8 +97,8 @@ def content_checks(config):
     checks = []
     if config.stage == "joint" and config.vae != RANDOM_VAE:
         checks.append(lambda: read_vae(config.vae, config.autoencoder))
-    checks += [lambda path=path: load_file(path, "init checkpoint") for path in (config.init_eft, config.init_vldm)
-               if path]
+    checks += [lambda name=name: load_file(getattr(config, name), f"{name} checkpoint")
+               for name in ("init_eft", "init_vldm") if getattr(config, name)]
     return checks
 
 
