@@ -10,8 +10,8 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsefusion.eft import load_eft
 from sparsefusion.checkpoint import file_problem
+from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError, raise_problems
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
 from sparsefusion.perceptual import build_lpips

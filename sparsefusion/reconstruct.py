@@ -166,6 +166,7 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     timings["feature_cache_s"] = time.perf_counter() - start
 
     bar = progress_factory(config.iterations, label) if progress_factory else None
+
     def on_log(iteration, distillation):
         check_finite_nerf(distillation, label, iteration)
         write_preview(out_dir, label, distillation)
