@@ -279,8 +279,8 @@ def gather_records(records, rank):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     config = None
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     with exit_on_user_error():
         try:
             from sparsefusion.atomic_files import remove_stale_temporaries
@@ -297,6 +297,8 @@ def main(argv=None):
             print(f"interrupted: the scenes finished so far are in {where}; rerun with skip_done=true to go on "
                   f"from there", file=sys.stderr)
             return 130
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

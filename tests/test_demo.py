@@ -385,3 +385,15 @@ def test_help_imports_neither_torchvision_nor_lpips():
               "'matplotlib'} & set(sys.modules)), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_sigterm_stops_like_ctrl_c_and_its_handler_is_restored(setup, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from sparsefusion import reconstruct
+
+    monkeypatch.setattr(reconstruct, "write_gif", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    assert demo.main(flags(setup, *SMALL_RUN, "-o", str(tmp_path / "out"))) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: the scenes finished so far")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
