@@ -13,6 +13,8 @@ sparsefusion/reconstruct.py for the files).
 """
 
 import argparse
+import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +28,7 @@ FLAG_FIELDS = {
     "gpus": "gpus", "port": "port", "dataset_name": "dataset_name", "root": "root", "category": "category",
     "input_views": "input_views", "idx": "idx", "eft": "eft", "vldm": "vldm", "vae": "vae", "output": "output",
     "input_names": "input_names", "input_index": "input_index",
-    "seed": "seed", "image_size": "image_size", "precision": "precision", "eft_mode": "eft_mode", "unet": "unet",
+    "seed": "seed", "skip_done": "skip_done", "image_size": "image_size", "precision": "precision", "eft_mode": "eft_mode", "unet": "unet",
     "vgg_weights": "vgg_weights", "mesh_threshold": "mesh_threshold", "mesh_resolution": "mesh_resolution",
     "method": "distill.method", "iterations": "distill.iterations", "fusion_start": "distill.fusion_start",
     "train_rays": "distill.train_rays", "circle_cameras": "distill.circle_cameras",
@@ -79,6 +81,8 @@ def parse_args(argv=None):
     add("--mesh_resolution", type=int, help="marching-cubes grid size of the mesh (default: 256)")
     add("--seed", type=int, help="every random draw of scene i (input views, NeRF, noise) follows from seed + i "
                                "(default: 0)")
+    add("--skip_done", action="store_true", default=None,
+        help="skip scenes whose outputs an earlier run completed (their metrics JSON exists)")
     add("overrides", nargs="*", metavar="key=value", help="DemoConfig fields, e.g. distill.iterations=500")
     return parser.parse_args(argv)
 
@@ -121,51 +125,124 @@ def generate_missing_data(config):
 
 
 def preflight(config):
-    """Raise UserError for a missing dataset or checkpoint, an index out of range or too many input views."""
-    from sparsefusion.demo_config import parse_indices
-    from sparsefusion.models import check_checkpoints
+    """Raise one UserError listing every problem found before any work: the data of every requested scene, the
+    checkpoints (their contents too when -g N > 1 would otherwise find them in N processes), the output folder."""
+    from sparsefusion.atomic_files import writable_folder_problems
+    from sparsefusion.demo_config import parse_indices, with_image_size
+    from sparsefusion.errors import problems_of, raise_problems
+    from sparsefusion.models import checkpoint_problems, load_checkpoints
+
+    problems, view_counts = [], []
+    for category in config.categories:
+        problems += checkpoint_problems(category, config)
+        try:
+            dataset = open_dataset(config, category)
+        except UserError as err:
+            problems += str(err).splitlines()
+            continue
+        found, counts = scene_problems(config, category, dataset, parse_indices(config.idx))
+        problems += found
+        view_counts += counts
+    if not problems and config.gpus > 1:
+        problems += problems_of(*[lambda category=category: with_image_size(
+            config, *models_size(load_checkpoints(category, config, "cpu"))) for category in config.categories])
+    problems += writable_folder_problems(config.output, output_bytes(config, view_counts), "output folder -o")
+    raise_problems(problems)
+
+
+def models_size(models):
+    """Return (image size, latent stride) of Models: what with_image_size checks the config against."""
+    return models.image_size, models.latent_stride
+
+
+def scene_problems(config, category, dataset, indices):
+    """Return (one line per problem with the requested scenes of a category, the view counts of the good ones).
+
+    Every scene in range is loaded: its files, masks and cameras are read now, not after earlier scenes ran.
+    """
+    from sparsefusion.cameras import unusable_cameras
     from sparsefusion.reconstruct import chosen_input_views
 
-    indices = parse_indices(config.idx)
-    for category in config.categories:
-        dataset = open_dataset(config, category)
-        if max(indices) >= len(dataset):
-            raise UserError(f"-i/--idx {max(indices)} is out of range: {category} has {len(dataset)} scenes "
-                            f"(0..{len(dataset) - 1})")
-        scene = dataset[indices[0]]
+    outside = [index for index in indices if index >= len(dataset)]
+    problems = [f"-i/--idx {','.join(map(str, outside))} is out of range: {category} has {len(dataset)} scenes "
+                f"(0..{len(dataset) - 1})"] if outside else []
+    view_counts = []
+    for index in (index for index in indices if index < len(dataset)):
+        try:
+            scene = dataset[index]
+            chosen = chosen_input_views(scene, *config.chosen_inputs)
+        except UserError as err:
+            problems += [f"{category} scene {index}: {line}" for line in str(err).splitlines()]
+            continue
         n_views = len(scene.images)
-        chosen = chosen_input_views(scene, *config.chosen_inputs)
         if chosen is None and config.input_views > n_views:
-            raise UserError(f"-v/--input_views {config.input_views} is more than the {n_views} views of "
-                            f"{category} scene {indices[0]}")
-        check_checkpoints(category, config)
+            problems.append(f"-v/--input_views {config.input_views} is more than the {n_views} views of "
+                            f"{category} scene {index}; e.g. -v {min(2, n_views)}")
+        problems += [f"{category} scene {index} ({scene.sequence_name}): {what} (views {views}); fix its annotations"
+                     for what, views in unusable_cameras(scene.cameras).items()]
+        if not bool(scene.images.isfinite().all()):
+            problems.append(f"{category} scene {index} ({scene.sequence_name}): its images hold NaN or infinite values")
+        view_counts.append(n_views)
+    return problems, view_counts
+
+
+def output_bytes(config, view_counts):
+    """Return about the bytes the outputs of scenes of view_counts views take: NeRF files, frames and GIFs, meshes."""
+    import torch
+
+    from sparsefusion.external.nerf_network import NeRFNetwork
+
+    with torch.device("meta"):
+        nerf_values = sum(parameter.numel() for parameter in NeRFNetwork(config.distill.nerf).parameters())
+    side = config.image_size or 256  # the models' size is known once they are loaded; upstream's is 256
+    per_scene = 4 * nerf_values + 64 * config.mesh_resolution ** 2
+    return len(view_counts) * per_scene + 8 * 3 * side * side * sum(view_counts)
+
+
+def scene_label(config, category, scene_index):
+    """Return the output name of a scene, as reconstruct_scene will name it."""
+    from sparsefusion.reconstruct import sequence_label
+
+    names, index = config.chosen_inputs
+    return sequence_label(category, scene_index, len(names or index) or config.input_views)
 
 
 def run_category(rank, config, category, out_dir):
-    """Reconstruct this rank's share of the requested scenes of one category; return their records."""
+    """Reconstruct this rank's share of the requested scenes of one category; return their records.
+
+    With skip_done, a scene whose metrics JSON (written last) exists is not computed again: its record is read.
+    """
     from tqdm import tqdm
 
     from sparsefusion.demo_config import parse_indices, with_image_size
     from sparsefusion.distributed import split_list
     from sparsefusion.models import load_models
-    from sparsefusion.reconstruct import chosen_input_views, reconstruct_scene, summary_line
+    from sparsefusion.progress import progress_bar
+    from sparsefusion.reconstruct import chosen_input_views, reconstruct_scene, record_path, summary_line
     from sparsefusion.report import update_run_page
 
+    mine = split_list(parse_indices(config.idx), rank.world_size)[rank.rank]
+    done = {index: record_path(out_dir, scene_label(config, category, index)) for index in mine}
+    done = {index: path for index, path in done.items() if config.skip_done and path.is_file()}
+    records = []
+    for index, path in done.items():
+        records.append(json.loads(path.read_text()))
+        tqdm.write(f"{path.stem}: done by an earlier run, skipped (skip_done)")
+    if len(done) == len(mine):
+        return records
     models = load_models(category, config, rank.device)
     config = with_image_size(config, models.image_size, models.latent_stride)
     if rank.device.type == "cpu" and rank.is_main and config.image_size >= 128:
         print("warning: no GPU, running on the CPU: hours per scene at full size "
               "(see --iterations, --train_rays, --num_steps)", file=sys.stderr)
     dataset = open_dataset(config, category)
-    records = []
-    for scene_index in split_list(parse_indices(config.idx), rank.world_size)[rank.rank]:
+    for scene_index in (index for index in mine if index not in done):
         scene = dataset[scene_index]
         record = reconstruct_scene(
             models, scene, scene_index, config.input_views, config.distill, out_dir, rank.device,
             seed=config.seed, mesh_threshold=config.mesh_threshold, mesh_resolution=config.mesh_resolution,
             baselines=config.baselines, inputs=chosen_input_views(scene, *config.chosen_inputs),
-            progress_factory=lambda total, label: tqdm(total=total, desc=label, position=rank.local_rank,
-                                                       dynamic_ncols=True, disable=None))
+            progress_factory=lambda total, label: progress_bar(total, label, position=rank.local_rank))
         tqdm.write(summary_line(record))
         records.append(record)
         if rank.is_main:
@@ -174,21 +251,21 @@ def run_category(rank, config, category, out_dir):
 
 
 def worker(rank, config):
+    """Reconstruct this rank's scenes of every category; rank 0 writes summary.json and the run page."""
     from sparsefusion.evaluation import mean_over_scenes
     from sparsefusion.outputs import write_json
     from sparsefusion.report import update_run_page
 
-    with exit_on_user_error():
-        out_dir = Path(config.output)
-        records = []
-        for category in config.categories:
-            records += run_category(rank, config, category, out_dir)
-        gathered = gather_records(records, rank)
-        if rank.is_main:
-            path = out_dir / "summary.json"
-            write_json({"scenes": gathered, "mean": mean_over_scenes(gathered) if gathered else None}, path)
-            update_run_page(out_dir)
-            print(f"{len(gathered)} scene(s) done; summary in {path}")
+    out_dir = Path(config.output)
+    records = []
+    for category in config.categories:
+        records += run_category(rank, config, category, out_dir)
+    gathered = gather_records(records, rank)
+    if rank.is_main:
+        path = out_dir / "summary.json"
+        write_json({"scenes": gathered, "mean": mean_over_scenes(gathered) if gathered else None}, path)
+        update_run_page(out_dir)
+        print(f"{len(gathered)} scene(s) done; summary in {path}")
 
 
 def gather_records(records, rank):
@@ -204,14 +281,26 @@ def gather_records(records, rank):
 
 def main(argv=None):
     args = parse_args(argv)
+    config = None
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop on SIGTERM as on Ctrl-C
     with exit_on_user_error():
-        from sparsefusion.distributed import check_gpu_count, launch
+        try:
+            from sparsefusion.atomic_files import remove_stale_temporaries
+            from sparsefusion.distributed import check_gpu_count, launch
 
-        config = config_from_args(args)
-        check_gpu_count(config.gpus)
-        generate_missing_data(config)
-        preflight(config)
-        launch(worker, config.gpus, config.port, args=(config,))
+            config = config_from_args(args)
+            check_gpu_count(config.gpus)
+            generate_missing_data(config)
+            preflight(config)
+            remove_stale_temporaries(config.output)
+            launch(worker, config.gpus, config.port, args=(config,))
+        except KeyboardInterrupt:
+            where = config.output if config else "the output folder"
+            print(f"interrupted: the scenes finished so far are in {where}; rerun with skip_done=true to go on "
+                  f"from there", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 if __name__ == "__main__":

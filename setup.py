@@ -11,7 +11,7 @@ setup(
                         + [f"sparsefusion.{name}" for name in find_packages(include=["external", "external.*"])])),
     package_dir={"sparsefusion.external": "external"},
     install_requires=[
-        "torch>=2.1",            # the models, autograd, torch.distributed
+        "torch>=2.10",           # the models, autograd, torch.distributed; safe weights_only loading (ENVIRONMENT.md)
         "torchvision>=0.16",     # ResNet-18 backbone of the EFT, VGG16 of LPIPS
         "numpy",
         "einops",                # tensor rearrangements in the UNet and EFT

@@ -15,11 +15,11 @@ output/sparsefusion_exp/demo_train/{category}_{stage} by default (see docs/train
 """
 
 import argparse
+import sys
 
+from sparsefusion.config import field_help
 from sparsefusion.data import DATASET_NAMES
 from sparsefusion.errors import exit_on_user_error
-from sparsefusion.trainer import run_training
-from sparsefusion.config import field_help
 from sparsefusion.training import BACKENDS, TrainConfig, load_config
 
 # flag -> TrainConfig field
@@ -50,8 +50,17 @@ def config_from_args(args):
 
 
 def main(argv=None):
+    args = parse_args(argv)
     with exit_on_user_error():
-        run_training(config_from_args(parse_args(argv)))
+        config = config_from_args(args)
+        from sparsefusion.trainer import run_training  # after parsing: --help needs none of it
+
+        try:
+            run_training(config)
+        except KeyboardInterrupt:  # outside the training loop, which stops on its own after saving
+            print(f"interrupted: {config.exp_dir} keeps its latest checkpoint (a run stopped while training saves one "
+                  f"first); the same command resumes from it", file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from sparsefusion.external.autoencoder_kl import AutoencoderKL  # noqa: E402
 from sparsefusion.data.synthetic import main as generate_synthetic  # noqa: E402
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft  # noqa: E402
 from sparsefusion.vae import save_vae  # noqa: E402
-from sparsefusion.vldm import VLDM, training_optimizer  # noqa: E402
+from sparsefusion.vldm import VLDM, save_vldm  # noqa: E402
 
 
 def full_size_checkpoints(folder):
@@ -31,7 +31,7 @@ def full_size_checkpoints(folder):
     save_eft(EpipolarFeatureTransformer(EFTConfig(backbone_weights="random")), folder / "eft.pt")
     vldm = VLDM()
     torch.nn.init.normal_(vldm.unet.final_conv.weight, std=1e-3)  # zero-initialised: keep ε̂ non-trivial
-    vldm.save_checkpoint(folder / "vldm.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, folder / "vldm.pt")
     save_vae(AutoencoderKL(), folder / "vae.ckpt")
     return folder / "eft.pt", folder / "vldm.pt", folder / "vae.ckpt"
 

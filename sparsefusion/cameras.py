@@ -119,6 +119,26 @@ class PerspectiveCameras:
         return torch.cat([ndc_to_screen(ndc[..., :2], self.image_size[:, None, :]), ndc[..., 2:]], dim=-1)
 
 
+def unusable_cameras(cameras, tolerance=1e-2):
+    """Return {what is wrong: [camera indices]} of the cameras no renderer can use ({} when all are usable).
+
+    Unusable: a value that is NaN or infinite, a focal length or image side that is not positive,
+    an R that is not a rotation (R Rᵀ off the identity by more than tolerance, e.g. all zeros).
+    """
+    cameras = cameras.to(torch.float64)
+    values = torch.cat([cameras.R.flatten(1), cameras.T, cameras.focal_length, cameras.principal_point,
+                        cameras.image_size], dim=1)
+    finite = values.isfinite().all(dim=1)
+    rotation_error = (cameras.R @ cameras.R.transpose(1, 2) - torch.eye(3, dtype=torch.float64)).abs().amax(dim=(1, 2))
+    checks = {
+        "values that are NaN or infinite": ~finite,
+        "a focal length or image size that is not positive": finite & ((cameras.focal_length <= 0).any(dim=1)
+                                                                      | (cameras.image_size <= 0).any(dim=1)),
+        "an R that is not a rotation": finite & ~(rotation_error <= tolerance),
+    }
+    return {what: torch.nonzero(bad)[:, 0].tolist() for what, bad in checks.items() if bad.any()}
+
+
 def ndc_to_screen(xy_ndc, image_size):
     """Return pixel coordinates (..., 2) of NDC xy (..., 2) for image_size (..., 2) = (height, width)."""
     height, width = image_size[..., 0], image_size[..., 1]

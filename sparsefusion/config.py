@@ -8,6 +8,7 @@ naming it. check_choice is the one check of a mode string against its choices, f
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,7 +35,7 @@ def load_layered(cls, path=None, overrides=(), flags=None, what="config"):
         if path:
             if not Path(path).is_file():
                 raise UserError(f"config file {path} not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, read_yaml(path))
         merged = OmegaConf.merge(merged, OmegaConf.create(nested(flags or {})),
                                  OmegaConf.from_dotlist(list(overrides)))
         if OmegaConf.is_missing(merged, "category"):
@@ -47,6 +48,17 @@ def load_layered(cls, path=None, overrides=(), flags=None, what="config"):
                         f"{cls.__module__}.{cls.__name__}") from err
     except ValueError as err:  # a nested config's own check in its __post_init__
         raise UserError(f"bad {what}: {err}") from err
+
+
+def read_yaml(path):
+    """Return the OmegaConf of a YAML file; UserError naming the file and the line where it stops parsing."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}; fix it there") from err
 
 
 def parse_index_list(text, flag, example):

@@ -17,7 +17,8 @@ from sparsefusion.data import CO3D_ALL_CATEGORIES, SCENE_SOURCES, expand_categor
 from sparsefusion.data.crop import RESIZE_MODES
 from sparsefusion.data.custom import CustomOptions, check_custom_options
 from sparsefusion.distill import METHODS, DistillConfig
-from sparsefusion.errors import UserError
+from sparsefusion.distributed import check_port
+from sparsefusion.errors import UserError, problems_of, raise_problems
 from sparsefusion.sampling import HIGH_NOISE_STARTS
 
 UNET_MODES = ("eager", "graph", "compile")
@@ -72,6 +73,7 @@ class DemoConfig:
 
     # outputs
     output: str = "output/demo"          # output folder (-o)
+    skip_done: bool = False              # skip scenes whose outputs an earlier run completed (metrics/{seq}.json)
     mesh_threshold: float = 10.0         # density threshold of the exported mesh
     mesh_resolution: int = 256           # marching-cubes grid size of the mesh
 
@@ -101,29 +103,47 @@ def parse_indices(text):
     return indices
 
 
-def check_demo_config(config):
-    """Raise UserError naming the first setting that cannot work, and a value that can."""
+def demo_config_problems(config):
+    """Return one line for every setting that cannot work, each naming a value that can."""
     choices = {"dataset_name": SCENE_SOURCES, "unet": UNET_MODES, "eft_mode": EFT_MODES, "precision": PRECISIONS,
                "resize_mode": RESIZE_MODES, "high_noise": HIGH_NOISE_STARTS, "distill.method": METHODS}
-    for name, allowed in choices.items():
-        check_choice(name, attrgetter(name)(config), allowed, UserError)
+    problems = problems_of(*[lambda name=name, allowed=allowed: check_choice(name, attrgetter(name)(config), allowed,
+                                                                             UserError)
+                             for name, allowed in choices.items()])
     if config.input_views < 1:
-        raise UserError(f"-v/--input_views must be at least 1, got {config.input_views}")
+        problems.append(f"-v/--input_views must be at least 1, got {config.input_views}; e.g. -v 2")
     if config.input_names and config.input_index:
-        raise UserError("give the input views by input_names or by input_index, not both")
-    parse_index_list(config.input_index, "input_index", "0,4")
-    check_custom_options(config.custom)
-    distill = config.distill
-    if distill.iterations < 1:
-        raise UserError(f"--iterations must be at least 1, got {distill.iterations}")
-    if config.image_size and (distill.train_rays < 1 or config.image_size % distill.train_rays):
-        raise UserError(f"--train_rays {distill.train_rays} must divide --image_size {config.image_size}")
-    parse_indices(config.idx)
+        problems.append("give the input views by input_names or by input_index, not both")
+    distill, render = config.distill, config.distill.nerf_render
+    at_least_one = {"--iterations": distill.iterations, "--train_rays": distill.train_rays,
+                    "--num_steps": render.num_steps, "--turntable_frames": distill.turntable_frames,
+                    "distill.log_every": distill.log_every, "--mesh_resolution": config.mesh_resolution}
+    problems += [f"{flag} must be at least 1, got {value}" for flag, value in at_least_one.items() if value < 1]
+    problems += [f"{flag} must be 0 or more, got {value}" for flag, value in
+                 (("--upsample_steps", render.upsample_steps), ("--circle_cameras", distill.circle_cameras),
+                  ("--image_size", config.image_size)) if value < 0]
+    if config.image_size > 0 and distill.train_rays >= 1 and config.image_size % distill.train_rays:
+        problems.append(train_rays_problem(distill.train_rays, config.image_size, "--image_size"))
+    problems += problems_of(lambda: parse_index_list(config.input_index, "input_index", "0,4"),
+                            lambda: check_custom_options(config.custom), lambda: parse_indices(config.idx),
+                            lambda: check_port(config.port))
     if config.dataset_name != "synthetic":
         unknown = [c for c in config.categories if c not in CO3D_ALL_CATEGORIES]
         if unknown:
-            raise UserError(f"unknown category {unknown[0]!r}; use one of CO3D's: {', '.join(CO3D_ALL_CATEGORIES)}, "
+            problems.append(f"unknown category {unknown[0]!r}; use one of CO3D's: {', '.join(CO3D_ALL_CATEGORIES)}, "
                             f"'all_ten' or 'all'")
+    return problems
+
+
+def train_rays_problem(train_rays, image_size, size_source):
+    """Return the line saying train_rays must divide the image size, naming the largest value that does."""
+    fitting = max(d for d in range(1, min(train_rays, image_size) + 1) if image_size % d == 0)
+    return f"--train_rays {train_rays} must divide {size_source} {image_size}; e.g. --train_rays {fitting}"
+
+
+def check_demo_config(config):
+    """Raise one UserError naming every setting that cannot work."""
+    raise_problems(demo_config_problems(config))
 
 
 def load_demo_config(path=None, overrides=(), **flags):
@@ -142,7 +162,7 @@ def with_image_size(config, image_size, latent_stride):
         raise UserError(f"--image_size {config.image_size} does not match the models, which work at {image_size} "
                         f"(VLDM latents × VAE stride {latent_stride}); leave image_size at 0 to follow the models")
     if image_size % config.distill.train_rays:
-        raise UserError(f"--train_rays {config.distill.train_rays} must divide the models' image size {image_size}")
+        raise UserError(train_rays_problem(config.distill.train_rays, image_size, "the models' image size"))
     distill = config.distill
     features = replace(distill.features, image_size=image_size, scale=latent_stride, mode=config.eft_mode,
                        precision=config.precision)

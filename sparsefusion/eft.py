@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
-from torchvision.models.resnet import BasicBlock
 
-from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
+from sparsefusion.checkpoint import load_file, load_state_dict_strict, model_checkpoint, save_atomic, stored_config
 from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 from sparsefusion.rays import HarmonicEmbedding
@@ -100,6 +98,8 @@ class SmallResNet(nn.Module):
     """
 
     def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1)):
+        from torchvision.models.resnet import BasicBlock  # torchvision imports in seconds: not for --help
+
         super().__init__()
         if len(widths) != 3 or len(blocks) != 3 or min(blocks) < 1:
             raise ValueError(f"backbone_widths and backbone_blocks need 3 entries (blocks >= 1), got {widths}, {blocks}")
@@ -129,6 +129,8 @@ def build_backbone(config):
     check_choice("eft.backbone", config.backbone, BACKBONES, UserError)
     if config.backbone == "small":
         return SmallResNet(tuple(config.backbone_widths), tuple(config.backbone_blocks))
+    import torchvision  # imports in seconds: not for --help
+
     backbone = torchvision.models.resnet18(weights=None)
     load_backbone_weights(backbone, config.backbone_weights)
     return backbone
@@ -324,5 +326,4 @@ def load_eft(path, config=None, map_location="cpu"):
 
 def save_eft(model, path, step=0):
     """Write `{'step': step, 'model_state_dict': ...}` (upstream's layout) plus our 'config' atomically to path."""
-    return save_atomic({"step": step, "model_state_dict": model.state_dict(),
-                        "config": config_to_dict(model.config)}, path)
+    return save_atomic(model_checkpoint(model, step), path)

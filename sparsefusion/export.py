@@ -5,7 +5,8 @@
 
 writes vae.pt ({'step', 'state_dict', 'config', 'scale_factor'}, which load_vae reads) and eft.pt and
 vldm.pt ({'step', 'model_state_dict', 'config'}, upstream's layout, which load_eft and
-VLDM.from_checkpoint read), floating-point tensors stored as float16 (loaded back as float32), and
+VLDM.from_checkpoint read) plus the 'checksum' every checkpoint of ours carries, floating-point
+tensors stored as float16 (loaded back as float32), and
 updates manifest.json: each file's source, training step, number of stored floating-point values (weights and buffers), size and SHA-256.
 The joint stage trains on the exported vae.pt, so the VAE that ships is the one its models saw.
 """

@@ -25,7 +25,7 @@ from torch import nn
 
 from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.cameras import PerspectiveCameras
-from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict
+from sparsefusion.checkpoint import load_file, load_state_dict_strict, load_training_state, model_checkpoint
 from sparsefusion.eft import EpipolarFeatureTransformer, sample_views
 from sparsefusion.eft_render import depth_range, feature_rays, render_features
 from sparsefusion.losses import huber
@@ -165,13 +165,17 @@ class JointObjective:
     def __init__(self, config, device, dataset=None):
         """dataset: the training scenes (not read here: this stage needs nothing of them up front)."""
         self.config, self.device = config, device
-        self.eft = EpipolarFeatureTransformer(config.eft)
-        self.vldm = VLDM(config.vldm)
-        self.model = JointModel(self.eft, self.vldm, config.diffusion_batch_size).to(device).train()
+        self.model = self.build_model(config).to(device).train()
+        self.eft, self.vldm = self.model.eft, self.model.vldm
         self.codec = build_codec(config, device)
         vldm_pair, eft_pair = adam_with_step_lr(self.vldm, config), adam_with_step_lr(self.eft, config)
         self.optimizers = [vldm_pair[0], eft_pair[0]]  # upstream steps the VLDM's optimizer first
         self.schedulers = [vldm_pair[1], eft_pair[1]]
+
+    @staticmethod
+    def build_model(config):
+        """Return the freshly initialised JointModel of a TrainConfig."""
+        return JointModel(EpipolarFeatureTransformer(config.eft), VLDM(config.vldm), config.diffusion_batch_size)
 
     def batch(self, scene):
         return training_batch(scene, self.codec, self.config, self.device)
@@ -183,23 +187,15 @@ class JointObjective:
 
     def checkpoints(self, step):
         """Return {role: checkpoint dict} in upstream's layout plus each model's architecture 'config'."""
-        contents = {}
-        for role, module, optimizer, scheduler in zip(("vldm", "eft"), (self.vldm, self.eft), self.optimizers,
-                                                      self.schedulers):
-            contents[role] = {"step": step, "model_state_dict": module.state_dict(),
-                              "optimizer_state_dict": optimizer.state_dict(),
-                              "scheduler_state_dict": scheduler.state_dict(),
-                              "config": config_to_dict(module.config)}
-        return contents
+        return {role: model_checkpoint(module, step, optimizer, scheduler) for role, module, optimizer, scheduler
+                in zip(("vldm", "eft"), (self.vldm, self.eft), self.optimizers, self.schedulers)}
 
     def load(self, checkpoints, paths):
         """Load weights, optimizer and scheduler states from {role: checkpoint dict} (strict keys)."""
         for role, module, optimizer, scheduler in zip(("vldm", "eft"), (self.vldm, self.eft), self.optimizers,
                                                       self.schedulers):
-            ckpt = checkpoints[role]
-            load_state_dict_strict(module, ckpt["model_state_dict"], f"{role.upper()} checkpoint {paths[role]}")
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-            scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+            load_training_state(module, checkpoints[role], optimizer, scheduler,
+                                f"{role.upper()} checkpoint {paths[role]}")
 
     def load_initial_weights(self):
         """Load init_eft / init_vldm weights (strictly) when given; otherwise keep the fresh initialisation."""
@@ -211,7 +207,8 @@ class JointObjective:
 
     @torch.no_grad()
     def visualize(self, scene):
-        """Return an (h, w, 3) image: context views | target | EFT colours | a diffusion sample, for the first query.
+        """Return an (h, w, 3) image: context views | target | EFT colours | a diffusion sample, labelled, for the
+        first query.
 
         A fresh query and context are drawn from the scene, as upstream does (the caller forks the
         random state, so visualising changes no training draw).
@@ -226,4 +223,5 @@ class JointObjective:
         sample = self.codec.decode_latents(latents.float())
         eft_image = F.interpolate(rgb, scale_factor=config.feature_scale, mode="bilinear").clamp(0, 1)
         panels = [*batch.context_images, batch.query_image[0], eft_image[0], sample[0]]
-        return side_by_side([panel.permute(1, 2, 0).float().cpu().numpy() for panel in panels])
+        labels = [f"context {i + 1}" for i in range(len(batch.context_images))] + ["target", "EFT", "VLDM sample"]
+        return side_by_side([panel.permute(1, 2, 0).float().cpu().numpy() for panel in panels], labels=labels)

@@ -9,17 +9,20 @@ colours) or .obj (`v x y z r g b`, colours in [0, 1], read by MeshLab and Blende
 """
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.measure import marching_cubes
 
+from sparsefusion.atomic_files import write_bytes
 from sparsefusion.errors import UserError, exit_on_user_error
 
 MESH_FORMATS = (".ply", ".obj")
+
+
+class NoSurface(UserError):
+    """The density threshold lies outside the field's densities; callers name their own threshold flag."""
 
 
 def field_device(field):
@@ -54,10 +57,8 @@ def extract_mesh(field, bound, resolution=256, threshold=10.0, chunk=65536):
     densities = density_grid(field, bound, resolution, chunk)
     low, high = float(densities.min()), float(densities.max())
     if not low < threshold < high:
-        raise UserError(
-            f"no surface at density threshold {threshold}: the field's densities range from {low:.4g} to {high:.4g}; "
-            "pass a --threshold between them"
-        )
+        raise NoSurface(f"no surface at density threshold {threshold}: the field's densities range from {low:.4g} "
+                        f"to {high:.4g}; pass a threshold between them")
     spacing = 2 * bound / (resolution - 1)
     vertices, faces, _, _ = marching_cubes(densities, level=threshold, spacing=(spacing,) * 3,
                                            gradient_direction="ascent")
@@ -109,16 +110,7 @@ def write_mesh(path, vertices, faces, colors):
     """Write a coloured triangle mesh to path (.ply or .obj, chosen by suffix) atomically; return the path."""
     path = checked_mesh_path(path)
     encode = ply_bytes if path.suffix.lower() == ".ply" else obj_bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encode(vertices, faces, colors))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_bytes(encode(vertices, faces, colors), path)
 
 
 def export_mesh(field, path, bound, resolution=256, threshold=10.0):
@@ -146,7 +138,10 @@ def main(argv=None):
         state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
         load_state_dict_strict(network, state, f"NeRF checkpoint {args.checkpoint}")
         network = network.to(args.device).eval()
-        path = export_mesh(network, args.output, args.bound, args.resolution, args.threshold)
+        try:
+            path = export_mesh(network, args.output, args.bound, args.resolution, args.threshold)
+        except NoSurface as err:
+            raise UserError(f"{err} with --threshold") from err
         print(f"wrote {path}")
 
 

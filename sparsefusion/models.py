@@ -10,8 +10,9 @@ from typing import Callable, Optional
 
 import torch
 
+from sparsefusion.checkpoint import file_problem
 from sparsefusion.eft import load_eft
-from sparsefusion.errors import UserError
+from sparsefusion.errors import UserError, raise_problems
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
 from sparsefusion.perceptual import build_lpips
 from sparsefusion.vae import load_latent_codec
@@ -70,15 +71,24 @@ def is_mini(path):
     return Path(path).resolve().parent == MINI_FOLDER.resolve()
 
 
-def check_checkpoints(category, config):
-    """Raise UserError naming the first checkpoint that is missing and how to get it."""
+def checkpoint_problems(category, config):
+    """Return one line for each of a category's checkpoints that is missing or a folder, naming how to get it."""
+    problems = []
     for name, path in checkpoint_paths(category, config).items():
-        if path.is_file():
-            continue
-        if is_mini(path):
-            raise UserError(f"{name.upper()} checkpoint not found at {path}; {MINI_FIX}")
-        raise UserError(f"{name.upper()} checkpoint not found at {path}; get it from "
-                        f"{WHERE_TO_GET[name].format(category=category)} (or pass {FLAGS[name]}); {QUICK_START}")
+        problem = file_problem(path, f"{name.upper()} checkpoint")
+        if problem is None or path.is_dir():
+            problems += [problem] if problem else []
+        elif is_mini(path):
+            problems.append(f"{problem}; {MINI_FIX}")
+        else:
+            where = WHERE_TO_GET[name].format(category=category)
+            problems.append(f"{problem}; get it from {where} (or pass {FLAGS[name]}); {QUICK_START}")
+    return problems
+
+
+def check_checkpoints(category, config):
+    """Raise one UserError naming every checkpoint of a category that is missing, and how to get it."""
+    raise_problems(checkpoint_problems(category, config))
 
 
 UNET_PATHS = {  # --unet: how the distillation evaluates the UNet on CUDA (benchmarks/bench_vldm.py, docs/vldm.md)
@@ -116,11 +126,8 @@ def check_compatible(models, paths):
                         f"VLDM at {paths['vldm']} denoises {unet.channels}: use checkpoints trained together")
 
 
-def load_models(category, config, device):
-    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths.
-
-    The DemoConfig also chooses the UNet path (unet), the VLDM's high_noise start and the VGG weights of LPIPS.
-    """
+def load_checkpoints(category, config, device):
+    """Return the Models of a category's three checkpoints on device, checked to fit together (no fast UNet, no LPIPS)."""
     check_checkpoints(category, config)
     paths = checkpoint_paths(category, config)
     eft = _load(load_eft, paths["eft"]).to(device)
@@ -128,8 +135,13 @@ def load_models(category, config, device):
     vldm.config = replace(vldm.config, high_noise=config.high_noise)  # a sampling choice, not the architecture
     # fp32: bf16 is no faster at batch 1 (docs/vae.md)
     codec = _load(lambda path: load_latent_codec(path, device=device), paths["vae"])
-    models = Models(eft=eft, codec=codec, vldm=vldm,
-                    unet=unet_callable(vldm, config.unet, torch.device(device)),
-                    lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))
+    models = Models(eft=eft, codec=codec, vldm=vldm)
     check_compatible(models, paths)
     return models
+
+
+def load_models(category, config, device):
+    """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
+    models = load_checkpoints(category, config, device)
+    return replace(models, unet=unet_callable(models.vldm, config.unet, torch.device(device)),
+                   lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))

@@ -1,15 +1,16 @@
-"""What runs leave on disk: images, GIFs, loss plots, JSON — each written to a temporary name, then renamed.
+"""What runs leave on disk: images, GIFs, loss plots, JSON — each written whole or not at all (atomic_files.py).
 
 Images here are numpy arrays (H, W, 3) float in [0, 1] or uint8; panels are laid side by side.
 """
 
 import json
-import os
-import tempfile
+import math
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
+
+from sparsefusion.atomic_files import atomic_path
 
 
 def to_uint8(image):
@@ -20,9 +21,27 @@ def to_uint8(image):
     return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def side_by_side(images):
-    """Return one (H, ΣW, 3) uint8 image of equally tall panels; single-channel panels become grey."""
-    return np.hstack([_as_rgb(to_uint8(image)) for image in images])
+def side_by_side(images, labels=None):
+    """Return one (H, ΣW, 3) uint8 image of equally tall panels; single-channel panels become grey.
+
+    labels: one caption per panel, written on a LABEL_HEIGHT-pixel strip above it (the image grows by it).
+    """
+    panels = [_as_rgb(to_uint8(image)) for image in images]
+    if labels is not None:
+        panels = [np.vstack([label_strip(text, panel.shape[1]), panel]) for text, panel in zip(labels, panels)]
+    return np.hstack(panels)
+
+
+LABEL_HEIGHT = 12
+
+
+def label_strip(text, width):
+    """Return a (LABEL_HEIGHT, width, 3) uint8 strip: white text on black, cut at the right edge."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, LABEL_HEIGHT))
+    ImageDraw.Draw(strip).text((2, 0), text, fill=(255, 255, 255))
+    return np.asarray(strip)
 
 
 def _as_rgb(image):
@@ -42,38 +61,6 @@ def image_grid(images, per_row):
     return np.vstack(rows)
 
 
-class atomic_path:
-    """Context manager: a temporary path beside `path` that replaces it on success and vanishes on failure.
-
-        with atomic_path("out/x.json") as tmp:
-            tmp.write_text(...)
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs are shared like any file
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
-        return False
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_image(image, path, quality=95):
     """Write an image (H, W, C) to path (.png or .jpg) atomically; returns the path."""
     with atomic_path(path) as tmp:
@@ -91,10 +78,21 @@ def write_gif(frames, path, seconds_per_frame=0.2):
 
 
 def write_json(data, path):
-    """Write data as indented JSON atomically; returns the path."""
+    """Write data as indented strict JSON atomically, NaN and infinities as null; returns the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(finite_or_null(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return Path(path)
+
+
+def finite_or_null(data):
+    """Return data (dicts, lists, scalars) with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_null(value) for value in data]
+    return data
 
 
 def write_text(text, path):

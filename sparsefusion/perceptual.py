@@ -22,7 +22,6 @@ import pickle
 import warnings
 from pathlib import Path
 
-import lpips
 import numpy as np
 import torch
 
@@ -160,6 +159,8 @@ def convert_torchvision_features(state_dict, net):
 
 def lpips_linear_layers(net):
     """Return the state dict of the calibrated linear layers the lpips package ships (v0.1)."""
+    import lpips  # it imports torchvision, seconds: not for --help
+
     path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
     weights = load_file(path, f"lpips {net} linear layers", "pip install lpips")
     # lpips registers each linear layer twice, as linK and as lins.K.
@@ -169,6 +170,8 @@ def lpips_linear_layers(net):
 
 def _unloaded_lpips(net):
     """Return lpips.LPIPS(net) with uninitialised parameters, built without downloading anything."""
+    import lpips
+
     with warnings.catch_warnings():
         # torchvision deprecates the `pretrained` argument lpips still passes.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
@@ -179,6 +182,8 @@ def _unloaded_lpips(net):
 
 def lpips_from_backbone(features, net):
     """Return lpips.LPIPS(net) in eval mode without gradients, holding torchvision `features.*` weights."""
+    import lpips
+
     model = _unloaded_lpips(net)
     state_dict = {
         **convert_torchvision_features(features, net),

@@ -10,7 +10,8 @@ Files under the output folder, for scene sequence name {seq} = {category}_{index
   render_gifs/{seq}.gif         ground truth | EFT | ours | ground-truth mask | our mask
   render_gifs/{seq}_circle.gif  turntable: ours | our mask
   metrics/{seq}.txt             upstream's mean PSNR / SSIM / LPIPS
-  metrics/{seq}.json            the same per frame, plus input views, timings and the configuration
+  metrics/{seq}.json            the same per frame, plus input views, timings and the configuration;
+                                written last: a scene with this file is complete (demo.py skip_done=true)
   meshes/{seq}.ply              marching-cubes mesh of the NeRF (beyond upstream)
   {seq}.pt                      the NeRF, {'model_state_dict': …}
 """
@@ -24,7 +25,7 @@ import torch
 from sparsefusion.checkpoint import save_atomic
 from sparsefusion.distill import Distillation, run_distillation
 from sparsefusion.errors import UserError
-from sparsefusion.mesh import export_mesh
+from sparsefusion.mesh import NoSurface, export_mesh
 from sparsefusion.baselines import baseline_metrics
 from sparsefusion.data.views import view_indices_by_name
 from sparsefusion.metrics import frame_means, scene_metrics
@@ -85,13 +86,22 @@ def hwc(images):
 
 
 def write_preview(out_dir, label, distillation):
-    """Write log/{label}_vis.jpg: the NeRF's render | silhouette of the last augmented (circle) camera."""
+    """Write log/{label}_vis.jpg: the NeRF's render | silhouette of the last augmented circle camera, labelled."""
     images, silhouettes = distillation.render(distillation.cameras.augmented[-1:])
-    write_image(side_by_side(hwc(images) + hwc(silhouettes)), out_dir / "log" / f"{label}_vis.jpg")
+    write_image(side_by_side(hwc(images) + hwc(silhouettes), labels=("render", "silhouette")),
+                out_dir / "log" / f"{label}_vis.jpg")
+
+
+def check_finite_nerf(distillation, label, iteration):
+    """Raise UserError if the NeRF's weights hold a NaN or an infinity (a diverged loss); one device sync."""
+    if not torch.stack([parameter.isfinite().all() for parameter in distillation.nerf.parameters()]).all():
+        raise UserError(f"{label}: the NeRF diverged (weights NaN or infinite by iteration {iteration}), so the scene "
+                        f"has no metrics; check its cameras and images, or lower distill.lr")
 
 
 def write_scene_outputs(out_dir, label, scene, distillation, history, renders, metrics, extra):
-    """Write every per-scene file listed in this module's docstring except the mesh; return the JSON record."""
+    """Write the per-scene files listed in this module's docstring but the mesh and the metrics JSON; return the
+    JSON record."""
     n_views = len(scene.images)
     images, silhouettes = renders
     eft_images = distillation.cache.eft_images[:n_views]
@@ -118,11 +128,13 @@ def write_scene_outputs(out_dir, label, scene, distillation, history, renders, m
                f"psnr:\n{metrics['psnr']}\nssim:\n{metrics['ssim']}\nlpips:\n{lpips_text}\n",
                out_dir / "metrics" / f"{label}.txt")
     save_atomic({"model_state_dict": distillation.nerf.state_dict()}, out_dir / f"{label}.pt")
-    record = {"sequence": label, **extra, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
-              "lpips": metrics["lpips"], "frames": metrics["frames"],
-              "config": asdict(distillation.config)}
-    write_json(record, out_dir / "metrics" / f"{label}.json")
-    return record
+    return {"sequence": label, **extra, "psnr": metrics["psnr"], "ssim": metrics["ssim"],
+            "lpips": metrics["lpips"], "frames": metrics["frames"], "config": asdict(distillation.config)}
+
+
+def record_path(out_dir, label):
+    """Return the metrics JSON of a scene: written last, so its presence means the scene's outputs are complete."""
+    return out_dir / "metrics" / f"{label}.json"
 
 
 def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, device, seed=0,
@@ -156,8 +168,12 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     timings["feature_cache_s"] = time.perf_counter() - start
 
     bar = progress_factory(config.iterations, label) if progress_factory else None
-    history, phases = run_distillation(distillation, progress=bar,
-                                       on_log=lambda iteration, d: write_preview(out_dir, label, d))
+
+    def on_log(iteration, distillation):
+        check_finite_nerf(distillation, label, iteration)
+        write_preview(out_dir, label, distillation)
+
+    history, phases = run_distillation(distillation, progress=bar, on_log=on_log)
     timings.update(phases)
     if bar is not None:
         bar.close()
@@ -178,8 +194,9 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     try:
         export_mesh(distillation.nerf, out_dir / "meshes" / f"{label}.ply", bound=config.nerf.bound,
                     threshold=mesh_threshold, resolution=mesh_resolution)
-    except UserError as err:  # the mesh is an extra: a scene's other outputs stand without it
-        print(f"warning: {label}: no mesh written: {err}", file=sys.stderr)
+    except NoSurface as err:  # the mesh is an extra: a scene's other outputs stand without it
+        print(f"warning: {label}: no mesh written: {err} with --mesh_threshold", file=sys.stderr)
+    write_json(record, record_path(out_dir, label))
     return record
 
 

@@ -17,10 +17,12 @@ log/losses.csv (step, lr and each loss term every log_itr steps, across resumed 
     run_training(config)                       # -g N processes, or the torchrun ones
 """
 
-import os
+import re
 import signal
+import sys
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,15 +30,19 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from sparsefusion.checkpoint import config_to_dict, load_file, save_atomic
+from sparsefusion.atomic_files import remove_stale_temporaries, writable_folder_problems
+from sparsefusion.checkpoint import TRAINING_KEYS, config_to_dict, file_problem, load_file
+from sparsefusion.checkpoint_commit import finish_interrupted_commits, pending_path, remove_uncommitted, save_together
 from sparsefusion.data import CO3DDataset, load_dataset
 from sparsefusion.distributed import check_gpu_count, launch, under_torchrun
-from sparsefusion.errors import UserError
+from sparsefusion.errors import UserError, problems_of, raise_problems
 from sparsefusion.joint_objective import JointObjective
 from sparsefusion.outputs import plot_losses, write_image, write_text
 from sparsefusion.precision import autocast, set_matmul_precision
-from sparsefusion.training import RANDOM_VAE, check_config, config_yaml
+from sparsefusion.progress import progress_bar
+from sparsefusion.training import RANDOM_VAE, apply_schedule, check_config, config_yaml, resume_conflicts, schedule_changes
 from sparsefusion.vae import WHERE_TO_GET as VAE_WHERE_TO_GET
+from sparsefusion.vae import read_vae
 from sparsefusion.vae_objective import VAEObjective
 
 OBJECTIVES = {"joint": JointObjective, "vae": VAEObjective}
@@ -63,15 +69,54 @@ def train_step(model, objective, batch, precision, device):
 # Data, checkpoints, random state
 
 
-def check_inputs(config):
-    """Raise UserError if the VAE or an init checkpoint the config names is missing (before spawning ranks)."""
-    if config.stage == "joint" and config.vae != RANDOM_VAE and not Path(config.vae).is_file():
-        raise UserError(f"VAE checkpoint not found at {config.vae}; get SD's from {VAE_WHERE_TO_GET} "
-                        f"(or pass -a/--vae PATH, e.g. a stage=vae run's ckpt_latest_vae.pt)")
+def input_problems(config):
+    """Return one line for each input file the config names that is missing or a folder: the VAE, init checkpoints."""
+    problems = []
+    if config.stage == "joint" and config.vae != RANDOM_VAE:
+        problem = file_problem(config.vae, "VAE checkpoint", VAE_WHERE_TO_GET)
+        if problem:
+            problems.append(f"{problem} (or pass -a/--vae PATH, e.g. a stage=vae run's ckpt_latest_vae.pt)")
     for name in ("init_eft", "init_vldm"):
         path = getattr(config, name)
-        if path and not Path(path).is_file():
-            raise UserError(f"{name} checkpoint not found at {path}")
+        problem = path and file_problem(path, f"{name} checkpoint")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def check_inputs(config):
+    """Raise one UserError naming every missing input file and, for -g N > 1, every unreadable one."""
+    problems = input_problems(config)
+    if not problems and config.gpus > 1:  # before N ranks would each find it
+        problems += problems_of(*content_checks(config))
+    raise_problems(problems)
+
+
+def content_checks(config):
+    """Return checks (callables raising UserError) that read the input files the config names."""
+    checks = []
+    if config.stage == "joint" and config.vae != RANDOM_VAE:
+        checks.append(lambda: read_vae(config.vae, config.autoencoder))
+    checks += [lambda name=name: load_file(getattr(config, name), f"{name} checkpoint")
+               for name in ("init_eft", "init_vldm") if getattr(config, name)]
+    return checks
+
+
+def checkpoint_bytes(config):
+    """Return about the bytes a stage's checkpoint files take: fp32 weights and Adam's two moments, per model."""
+    # no ImageNet file is read; the frozen LPIPS of the VAE stage is not saved
+    counted = replace(config, eft=replace(config.eft, backbone_weights="random"), perceptual_weight=0.0)
+    with torch.device("meta"):
+        model = OBJECTIVES[config.stage].build_model(counted)
+    return 3 * 4 * sum(parameter.numel() for parameter in model.parameters())
+
+
+def preflight(config):
+    """Raise one UserError listing every problem found before training starts: inputs, dataset, exp_dir."""
+    problems = problems_of(lambda: check_inputs(config), lambda: open_dataset(config))
+    # the new checkpoint is written beside the old one, and archived ones add up
+    problems += writable_folder_problems(config.exp_dir, 2 * checkpoint_bytes(config), "exp_dir")
+    raise_problems(problems)
 
 
 def open_dataset(config):
@@ -100,13 +145,6 @@ class SeededScenes(torch.utils.data.Dataset):
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + index)
             return self.dataset.scene(index, generator)
         return self.dataset[index]
-
-
-def save_together(objects):
-    """Write {path: object} so that each file appears only when all are written (pending files, then renames)."""
-    pending = {path: save_atomic(obj, path.with_name(f".{path.name}.pending")) for path, obj in objects.items()}
-    for path, temporary in pending.items():
-        os.replace(temporary, path)
 
 
 def rng_state(device):
@@ -227,11 +265,21 @@ class Trainer:
         self.objective = OBJECTIVES[config.stage](config, self.device, self.dataset)
 
         self.step = 0
+        self.saved_step = None  # the step of exp_dir's latest checkpoint, once there is one
         seed_rank(config.seed, rank.rank)
+        if rank.is_main:
+            self.finish_interrupted_saves()
+        if rank.world_size > 1:
+            dist.barrier()
         if self.resumable():
             self.resume()
         else:
             self.objective.load_initial_weights()
+        if rank.is_main:
+            remove_uncommitted(self.exp_dir)
+            remove_stale_temporaries(self.exp_dir)
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss since checked_step was
+        self.checked_step = self.step
         self.model = self.objective.model
         self.ddp = self.model
         if rank.world_size > 1:
@@ -285,10 +333,19 @@ class Trainer:
     def train(self):
         """Train from the current step to the last step, or until SIGINT/SIGTERM; return the step reached.
 
-        A signal ends the run after the step in progress, with the latest checkpoint saved.
+        A signal ends the run after the step in progress, with the latest checkpoint saved. A loss that
+        is not finite ends it with a UserError, before anything is logged or saved after it.
         """
         config, last, names = self.config, self.last_step(), self.objective.loss_names
-        bar = tqdm(total=last, initial=self.step, disable=not self.rank.is_main, dynamic_ncols=True)
+        if self.step >= last:
+            if self.rank.is_main:
+                print(f"nothing to train: {self.exp_dir} is at step {self.step} and the run ends at step {last}; "
+                      f"raise iterations (or max_epochs) to train further", file=sys.stderr)
+            return self.step
+        if self.rank.is_main:
+            print(f"training the {config.stage} stage from step {self.step} to {last}; checkpoints and logs go to "
+                  f"{self.exp_dir}", file=sys.stderr)
+        bar = progress_bar(last, config.stage, initial=self.step, enabled=self.rank.is_main)
         sums, count = torch.zeros(len(names), device=self.device), 0
         stream = self.scenes(self.step)
         stop = StopRequest()
@@ -303,12 +360,14 @@ class Trainer:
                 epoch, scene = next(stream)
                 batch = self.objective.batch(scene)
                 losses = train_step(self.ddp, self.objective, batch, config.precision, self.device)
+                self.finite &= torch.isfinite(losses["total"])  # checked when logging or saving: no sync per step
                 self.last_losses = losses
                 self.step += 1
                 bar.update(1)
                 sums += torch.stack([losses[name].float() for name in names])
                 count += 1
                 if self.step % config.log_itr == 0 or self.step == last:
+                    self.check_finite()
                     self.log(sums / count, epoch, bar)
                     sums, count = torch.zeros_like(sums), 0
                 if config.vis_itr and self.step % config.vis_itr == 0 and self.rank.is_main:
@@ -324,8 +383,23 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         if self.rank.is_main and self.step == last:
-            print(f"step {self.step}: checkpoints in {self.exp_dir}")
+            files = ", ".join(str(path) for path in self.checkpoint_files("latest").values())
+            print(f"step {self.step}: the checkpoint is {files}")
         return self.step
+
+    def check_finite(self):
+        """Raise UserError, on every rank, if a rank's loss was NaN or infinite since the last check (collective)."""
+        flag = self.finite.float()
+        if self.rank.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item():
+            self.checked_step = self.step
+            return
+        kept = (f"{self.exp_dir}'s checkpoint of step {self.saved_step} is kept" if self.saved_step is not None
+                else "no checkpoint was written")
+        raise UserError(f"training diverged: the loss became NaN or infinite between steps {self.checked_step + 1} "
+                        f"and {self.step}; nothing was saved after it ({kept}); lower lr (now {self.config.lr:g}, "
+                        f"e.g. lr={self.config.lr / 10:g}) or use precision=fp32, then rerun")
 
     def log(self, means, epoch, bar):
         """Average the interval's mean losses over ranks; rank 0 shows and records them."""
@@ -367,15 +441,51 @@ class Trainer:
     def checkpoint_files(self, name):
         return self.objective.checkpoint_files(self.exp_dir, name)
 
+    def finish_interrupted_saves(self):
+        """Complete a checkpoint save that a kill interrupted after its commit point, saying so (rank 0)."""
+        for files in finish_interrupted_commits(self.exp_dir):
+            print(f"completed the save of {', '.join(str(path) for path in files)} that a kill interrupted",
+                  file=sys.stderr)
+
     def resumable(self):
         """Return whether exp_dir holds the stage's latest checkpoint; UserError if only part of it is there."""
         files = self.checkpoint_files("latest")
         present = [path for path in files.values() if path.is_file()]
         if present and len(present) < len(files):
-            missing = [str(path) for path in files.values() if not path.is_file()]
-            raise UserError(f"{self.exp_dir} holds {[str(p) for p in present]} but not {missing}: a checkpoint is "
-                            f"its files together; restore the missing file or move the others away to start afresh")
+            missing = [path for path in files.values() if not path.is_file()]
+            raise UserError(f"{self.exp_dir} holds {', '.join(map(str, present))} but not "
+                            f"{', '.join(map(str, missing))}: a checkpoint is its files together; "
+                            f"{self.repair_hint(missing)}")
         return bool(present)
+
+    def repair_hint(self, wrong):
+        """Return what can repair a latest checkpoint whose files `wrong` are missing or from another step."""
+        pending = [pending_path(path) for path in wrong if pending_path(path).is_file()]
+        if pending:
+            return (f"{', '.join(map(str, pending))} holds the unfinished save of the other part: rename it over "
+                    f"{', '.join(path.name for path in wrong)} if its step matches, or move the files away to start afresh")
+        archived = self.archived_steps()
+        if archived:
+            return (f"copy a complete archived set over them (ckpt_{{step}}* of steps {archived}), "
+                    f"or move the files away to start afresh")
+        return "there is no archived set to restore; move the files away to start afresh"
+
+    def archived_steps(self):
+        """Return the steps whose archived checkpoint files (ckpt_{step:06d}*) are all in exp_dir."""
+        steps = sorted({int(match.group(1)) for path in self.exp_dir.glob("ckpt_*.pt")
+                        if (match := re.match(r"ckpt_(\d{6})", path.name))})
+        return [step for step in steps
+                if all(path.is_file() for path in self.checkpoint_files(f"{step:06d}").values())]
+
+    def apply_schedule_changes(self, stored):
+        """Give the optimizers the config's learning-rate schedule where it differs from the run's, saying so."""
+        changes = schedule_changes(stored, self.config)
+        if not changes:
+            return
+        for optimizer, scheduler in zip(self.objective.optimizers, self.objective.schedulers):
+            apply_schedule(optimizer, scheduler, self.config)
+        if self.rank.is_main:
+            print(f"resuming with {', '.join(changes)}", file=sys.stderr)
 
     def gathered_rng_states(self):
         """Return every rank's random state, in rank order (collective: all ranks call it)."""
@@ -387,8 +497,11 @@ class Trainer:
         return states
 
     def save(self, name):
-        """Write the checkpoint files of a name on rank 0 (collective: all ranks call it)."""
+        """Write the checkpoint files of a name on rank 0, never of non-finite weights (collective: all ranks call it)."""
+        self.check_finite()
         states = self.gathered_rng_states()
+        if name == "latest":
+            self.saved_step = self.step
         if not self.rank.is_main:
             return
         contents = self.objective.checkpoints(self.step)
@@ -403,17 +516,23 @@ class Trainer:
         contents = {role: load_file(path, f"{role.upper()} checkpoint to resume from",
                                     where_to_get="a checkpoint written by train.py") for role, path in files.items()}
         for role, ckpt in contents.items():
-            missing = [k for k in ("step", "optimizer_state_dict", "scheduler_state_dict") if k not in ckpt]
+            missing = [key for key in TRAINING_KEYS if key not in ckpt]
             if missing:
                 raise UserError(f"{files[role]} lacks {missing}, so training cannot resume from it; move it out of "
                                 f"{self.exp_dir} to start afresh (use init_eft / init_vldm to start from weights)")
         steps = {role: int(ckpt["step"]) for role, ckpt in contents.items()}
         if len(set(steps.values())) > 1:
             raise UserError(f"the checkpoint files in {self.exp_dir} are at different steps {steps}; "
-                            f"copy a matching set of ckpt_{{step}}*.pt files over them")
-        self.objective.load(contents, files)
+                            f"{self.repair_hint(list(files.values()))}")
         first = next(iter(contents.values()))
-        self.step = int(first["step"])
+        conflicts = resume_conflicts(first.get("train_config"), self.config)
+        if conflicts:
+            raise UserError(f"{self.exp_dir} holds a run trained with other settings: {'; '.join(conflicts)}; "
+                            f"a resumed run keeps them: pass the run's values (see its config.yaml) or choose a new "
+                            f"exp_dir")
+        self.objective.load(contents, files)
+        self.apply_schedule_changes(first.get("train_config"))
+        self.step = self.saved_step = int(first["step"])
         states = first.get("rng_state") or []
         if len(states) == self.rank.world_size:
             set_rng_state(states[self.rank.rank], self.device)
@@ -431,11 +550,9 @@ def train_worker(rank, config):
 
 
 def run_training(config):
-    """Check inputs, then train in config.gpus local processes (or in the torchrun processes)."""
-    check_inputs(config)
+    """Check inputs, data and exp_dir, then train in config.gpus local processes (or in the torchrun processes)."""
     if not under_torchrun():
         check_gpu_count(config.gpus)
-        if config.gpus > 1:
-            open_dataset(config)  # a missing dataset stops here with its message, not in every spawned rank
+    preflight(config)
     backend = None if config.backend == "auto" else config.backend
     launch(train_worker, config.gpus, config.port, backend=backend, args=(config,))

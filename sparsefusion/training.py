@@ -10,7 +10,7 @@ Two stages share train.py (sparsefusion/trainer.py runs either):
     run_training(config)                       # sparsefusion.trainer; -g N processes, or torchrun's
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List
 
 from omegaconf import OmegaConf
@@ -20,7 +20,8 @@ from sparsefusion.config import check_choice, load_layered
 from sparsefusion.data.crop import RESIZE_MODES
 from sparsefusion.eft import EFTConfig
 from sparsefusion.eft_render import FeatureRenderConfig
-from sparsefusion.errors import UserError
+from sparsefusion.distributed import check_port
+from sparsefusion.errors import UserError, problems_of, raise_problems
 from sparsefusion.vldm import VLDMConfig
 
 STAGES = ("joint", "vae")
@@ -106,38 +107,101 @@ class TrainConfig:
                             depth_margin=self.depth_margin, precision="bf16" if self.precision == "bf16" else "fp32")
 
 
-def check_config(config):
-    """Raise UserError naming the first setting that is out of range or inconsistent with another."""
+def config_problems(config):
+    """Return one line for every setting that is out of range or inconsistent with another."""
     choices = {"stage": STAGES, "precision": PRECISIONS, "backend": BACKENDS, "vis_sampler": VIS_SAMPLERS,
                "resize_mode": RESIZE_MODES}
-    for name, allowed in choices.items():
-        check_choice(name, getattr(config, name), allowed, UserError)
+    problems = problems_of(*[lambda name=name, allowed=allowed: check_choice(name, getattr(config, name), allowed,
+                                                                             UserError)
+                             for name, allowed in choices.items()])
     low_high = list(config.num_input_range)
     if len(low_high) != 2 or not 1 <= low_high[0] < low_high[1]:
-        raise UserError(f"num_input_range must be [low, high) with 1 <= low < high, got {low_high}")
-    if low_high[1] - 1 > config.views_per_scene and config.stage == "joint":
-        raise UserError(f"num_input_range {low_high} draws up to {low_high[1] - 1} context views but a scene "
-                        f"has views_per_scene={config.views_per_scene}")
+        problems.append(f"num_input_range must be [low, high) with 1 <= low < high, got {low_high}")
+    elif low_high[1] - 1 > config.views_per_scene and config.stage == "joint":
+        problems.append(f"num_input_range {low_high} draws up to {low_high[1] - 1} context views but a scene has "
+                        f"views_per_scene={config.views_per_scene}; e.g. views_per_scene={low_high[1] - 1}")
     if config.queries_per_step > config.views_per_scene:
-        raise UserError(f"queries_per_step={config.queries_per_step} is more than views_per_scene="
+        problems.append(f"queries_per_step={config.queries_per_step} is more than views_per_scene="
                         f"{config.views_per_scene}: the queries are distinct views of one scene")
-    positive = ("views_per_scene", "image_size", "queries_per_step", "diffusion_batch_size", "feature_scale", "n_points", "max_epochs",
-                "repeat", "lr_step", "log_itr", "save_itr")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.image_size % config.feature_scale:
-        raise UserError(f"image_size {config.image_size} must be a multiple of feature_scale {config.feature_scale}")
+    positive = ("views_per_scene", "image_size", "queries_per_step", "diffusion_batch_size", "feature_scale",
+                "n_points", "max_epochs", "repeat", "lr_step", "log_itr", "save_itr")
+    problems += [f"{name} must be at least 1, got {getattr(config, name)}" for name in positive
+                 if getattr(config, name) < 1]
+    problems += [f"{name} must be 0 ({meaning}) or more, got {getattr(config, name)}"
+                 for name, meaning in (("iterations", "max_epochs passes"), ("vis_itr", "never"),
+                                       ("archive_itr", "never")) if getattr(config, name) < 0]
+    problems += problems_of(lambda: check_port(config.port))
+    if config.lr <= 0 or config.lr != config.lr:
+        problems.append(f"lr must be a positive number, got {config.lr}")
+    if config.feature_scale >= 1 and config.image_size % config.feature_scale:
+        problems.append(f"image_size {config.image_size} must be a multiple of feature_scale {config.feature_scale}; "
+                        f"e.g. image_size={max(1, config.image_size // config.feature_scale) * config.feature_scale}")
     vae_factor = 2 ** (len(config.autoencoder.ch_mult) - 1)
     if vae_factor != config.feature_scale:
-        raise UserError(f"the VAE downsamples ×{vae_factor} (autoencoder.ch_mult) but the EFT feature grid is every "
-                        f"feature_scale={config.feature_scale} pixels; the latents and features must align")
+        problems.append(f"the VAE downsamples ×{vae_factor} (autoencoder.ch_mult) but the EFT feature grid is every "
+                        f"feature_scale={config.feature_scale} pixels; the latents and features must align: "
+                        f"e.g. feature_scale={vae_factor}")
     if config.eft.hidden_dim != config.vldm.unet.cond_images_channels:
-        raise UserError(f"eft.hidden_dim ({config.eft.hidden_dim}) must equal vldm.unet.cond_images_channels "
+        problems.append(f"eft.hidden_dim ({config.eft.hidden_dim}) must equal vldm.unet.cond_images_channels "
                         f"({config.vldm.unet.cond_images_channels}): the EFT features condition the UNet")
     if config.autoencoder.embed_dim != config.vldm.unet.channels:
-        raise UserError(f"autoencoder.embed_dim ({config.autoencoder.embed_dim}) must equal vldm.unet.channels "
+        problems.append(f"autoencoder.embed_dim ({config.autoencoder.embed_dim}) must equal vldm.unet.channels "
                         f"({config.vldm.unet.channels})")
+    return problems
+
+
+def check_config(config):
+    """Raise one UserError naming every setting that is out of range or inconsistent with another."""
+    raise_problems(config_problems(config))
+
+
+# What a resumed run may take from its command line rather than from its checkpoint: where things are,
+# the processes, how long and how often, precision, and the learning-rate schedule (applied to the
+# optimizers). Every other field defines the run and must match the one stored in its checkpoint.
+FREE_ON_RESUME = ("root", "exp_dir", "vae", "init_eft", "init_vldm", "gpus", "port", "backend", "num_workers",
+                  "iterations", "max_epochs", "precision", "log_itr", "vis_itr", "vis_sampler", "save_itr",
+                  "archive_itr", "tensorboard")
+SCHEDULE = ("lr", "lr_step", "lr_gamma")
+
+
+def flat_fields(data, prefix=""):
+    """Return a config dict as {dotted name: value}, tuples as lists."""
+    flat = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_fields(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changed_fields(stored, config):
+    """Return [(dotted name, stored value, config's value)] of the fields that differ; [] without a stored config."""
+    if not isinstance(stored, dict):
+        return []
+    before, now = flat_fields(stored), flat_fields(asdict(config))
+    return [(name, before.get(name), now.get(name)) for name in sorted(set(before) | set(now))
+            if before.get(name) != now.get(name)]
+
+
+def resume_conflicts(stored, config):
+    """Return 'name=stored (asked: value)' for each setting a resumed run may not change but the config does."""
+    return [f"{name}={old!r} (asked: {new!r})" for name, old, new in changed_fields(stored, config)
+            if name.split(".")[0] not in FREE_ON_RESUME + SCHEDULE]
+
+
+def schedule_changes(stored, config):
+    """Return 'lr 0.001 (was 5e-05)'-like lines of the learning-rate settings a resumed run changes."""
+    return [f"{name} {new} (was {old})" for name, old, new in changed_fields(stored, config) if name in SCHEDULE]
+
+
+def apply_schedule(optimizer, scheduler, config):
+    """Set a resumed StepLR run to config's lr, lr_step, lr_gamma as if it had used them from step 0."""
+    scheduler.step_size, scheduler.gamma = config.lr_step, config.lr_gamma
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+        group["lr"] = config.lr * config.lr_gamma ** (scheduler.last_epoch // config.lr_step)
 
 
 def load_config(path=None, overrides=(), **fields):

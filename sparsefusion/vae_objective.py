@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparsefusion.external.autoencoder_kl import AutoencoderKL
-from sparsefusion.checkpoint import config_to_dict, load_state_dict_strict
+from sparsefusion.checkpoint import config_to_dict, load_training_state
 from sparsefusion.errors import UserError
 from sparsefusion.losses import kl_to_standard_normal
 from sparsefusion.outputs import image_grid
@@ -92,14 +92,19 @@ class VAEObjective:
     def __init__(self, config, device, dataset):
         """dataset: the training scenes (a SeededScenes); the first SCALE_SCENES set the latent scale factor."""
         self.config, self.device = config, device
-        self.vae = AutoencoderKL(config.autoencoder)
-        self.model = VAEModel(self.vae, config.kl_weight, config.perceptual_weight,
-                              perceptual_model(config.perceptual_weight, device)).to(device).train()
+        self.model = self.build_model(config, device).to(device).train()
+        self.vae = self.model.vae
         optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
         self.optimizers = [optimizer]
         self.schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)]
         scenes = [dataset[(0, index)] for index in range(min(len(dataset), SCALE_SCENES))]  # epoch 0's frames
         self.scale_images = torch.cat([scene.images for scene in scenes]).to(device)
+
+    @staticmethod
+    def build_model(config, device="cpu"):
+        """Return the freshly initialised VAEModel of a TrainConfig (its LPIPS, if any, on device)."""
+        return VAEModel(AutoencoderKL(config.autoencoder), config.kl_weight, config.perceptual_weight,
+                        perceptual_model(config.perceptual_weight, device))
 
     def batch(self, scene):
         return scene.images.to(self.device)
@@ -120,10 +125,8 @@ class VAEObjective:
 
     def load(self, checkpoints, paths):
         """Load weights, optimizer and scheduler state from {'vae': checkpoint dict} (strict keys)."""
-        ckpt = checkpoints["vae"]
-        load_state_dict_strict(self.vae, ckpt["state_dict"], f"VAE checkpoint {paths['vae']}")
-        self.optimizers[0].load_state_dict(ckpt["optimizer_state_dict"])
-        self.schedulers[0].load_state_dict(ckpt["scheduler_state_dict"])
+        load_training_state(self.vae, checkpoints["vae"], self.optimizers[0], self.schedulers[0],
+                            f"VAE checkpoint {paths['vae']}", weights_key="state_dict")
 
     def load_initial_weights(self):
         """Keep the fresh initialisation: the VAE stage starts from nothing (config.vae is not read)."""

@@ -8,8 +8,9 @@ schedule, conditioned on EFT features (B, 256, 32, 32) by channel concatenation;
     z = vldm.sample(features, sampler="plms")                         # a latent for a query view
     x0, x_noisy, noise, alpha_bar = vldm.denoise(latents, features, max_thres=0.4)  # distillation
 
-State-dict keys are upstream's (`unets.0.…`); checkpoints are {'step', 'model_state_dict',
-'optimizer_state_dict', 'scheduler_state_dict'} as upstream's train.py writes them.
+State-dict keys are upstream's (`unets.0.…`); checkpoints are upstream train.py's {'step',
+'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict'} (sparsefusion/checkpoint.py's
+model_checkpoint; train.py writes them, save_vldm the weights alone).
 """
 
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsefusion.external.imagen_unet import Unet, UnetConfig
-from sparsefusion.checkpoint import config_to_dict, load_file, load_state_dict_strict, save_atomic, stored_config
+from sparsefusion.checkpoint import load_file, load_state_dict_strict, model_checkpoint, save_atomic, stored_config
 from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import fast_unet
@@ -138,7 +139,7 @@ class VLDM(nn.Module):
     def from_checkpoint(cls, path, config=None):
         """Return a VLDM on the CPU with the weights of a checkpoint {'model_state_dict': …}, loaded strictly.
 
-        The architecture is config, else the one our save_checkpoint stored, else upstream's.
+        The architecture is config, else the one save_vldm stored, else upstream's.
         """
         checkpoint = read_checkpoint(path)
         with torch.device("meta"):  # no random initialisation of 400 M parameters that are overwritten
@@ -153,15 +154,10 @@ class VLDM(nn.Module):
         load_state_dict_strict(self, checkpoint["model_state_dict"], f"VLDM checkpoint {path}")
         return checkpoint
 
-    def save_checkpoint(self, path, step, optimizer, scheduler):
-        """Write {'step', 'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict'} to path atomically."""
-        return save_atomic({
-            "step": step,
-            "model_state_dict": self.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
-            "scheduler_state_dict": scheduler.state_dict(),
-            "config": config_to_dict(self.config),
-        }, path)
+
+def save_vldm(vldm, path, step=0):
+    """Write `{'step': step, 'model_state_dict': ...}` (upstream's layout) plus our 'config' atomically to path."""
+    return save_atomic(model_checkpoint(vldm, step), path)
 
 
 def read_checkpoint(path):
@@ -170,20 +166,3 @@ def read_checkpoint(path):
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
         raise UserError(f"VLDM checkpoint {path} has no 'model_state_dict'; is it an EFT or VAE checkpoint?")
     return checkpoint
-
-
-def training_optimizer(vldm, lr=5e-5):
-    """Return (Adam, StepLR) as upstream's train.py builds them: lr 5e-5, halved every 50,000 steps."""
-    optimizer = torch.optim.Adam(vldm.parameters(), lr=lr)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=50000, gamma=0.5)
-
-
-def load_training_state(path, vldm, optimizer, scheduler):
-    """Load weights, optimizer and scheduler state of a checkpoint written by save_checkpoint; return its step."""
-    checkpoint = vldm.load_checkpoint(path)
-    missing = [key for key in ("step", "optimizer_state_dict", "scheduler_state_dict") if key not in checkpoint]
-    if missing:
-        raise UserError(f"VLDM checkpoint {path} lacks {missing}; it holds weights only, so training cannot resume")
-    optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-    scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
-    return checkpoint["step"]

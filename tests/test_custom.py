@@ -34,7 +34,7 @@ from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
 from sparsefusion.reconstruct import chosen_input_views
 from sparsefusion.vae import save_vae
-from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
+from sparsefusion.vldm import VLDM, VLDMConfig, save_vldm
 
 N_VIEWS = 6
 
@@ -586,7 +586,7 @@ def models(tmp_path_factory):
     eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
     save_eft(eft, root / "eft.pt")
     vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=16), image_size=SIZE // 8))
-    vldm.save_checkpoint(root / "vldm.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, root / "vldm.pt")
     save_vae(AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4)),
              root / "vae.ckpt")
     return ["-e", str(root / "eft.pt"), "-l", str(root / "vldm.pt"), "-a", str(root / "vae.ckpt"), *SMALL_RUN]

@@ -361,6 +361,29 @@ def test_malformed_annotations_and_missing_images(root_copy):
         dataset[0]
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda frame: frame["viewpoint"].update(focal_length=[float("nan"), 2.0]), "values that are NaN or infinite"),
+    (lambda frame: frame["viewpoint"].update(focal_length=[0.0, 0.0]), "a focal length or image size that is not"),
+    (lambda frame: frame["viewpoint"].update(R=[[0.0] * 3] * 3), "an R that is not a rotation"),
+    (lambda frame: frame["viewpoint"].update(T=["a", 0.0, 1.0]), "frame annotation 15 has a viewpoint value that is"),
+    (lambda frame: frame["mask"].update(mass="lots"), "frame annotation 15 is malformed"),
+])
+def test_unusable_cameras_are_named_by_frame_annotation(root_copy, edit, message):
+    edit_frames(root_copy, "hydrant", lambda frames: edit(frames[15]))  # a frame of the evaluation scene
+    with pytest.raises(UserError) as err:
+        load_dataset("co3d", root_copy, "hydrant")
+    assert message in str(err.value) and "frame_annotations.jgz" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    if "annotations [" in str(err.value):
+        assert "frame annotations [15] have" in str(err.value)
+
+
+def test_a_mask_of_one_pixel_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="1x1 pixels"):
+        foreground_box(torch.zeros(1, 1, 1))
+    assert foreground_box(torch.zeros(1, 1, 2)).tolist() == [0, 0, 2, 1]  # an empty mask: the whole image
+
+
 def test_bad_names_splits_indices_and_toy_files(root_copy, tmp_path):
     with pytest.raises(UserError, match=r"unknown dataset 'co3dv3'.*co3d_toy"):
         load_dataset("co3dv3", root_copy, "hydrant")

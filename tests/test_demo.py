@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer, save_eft
 from sparsefusion.errors import UserError
 from sparsefusion.metrics import psnr, ssim
 from sparsefusion.vae import save_vae
-from sparsefusion.vldm import VLDM, VLDMConfig, training_optimizer
+from sparsefusion.vldm import VLDM, VLDMConfig, save_vldm
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, TURNTABLE = 32, 3
@@ -36,7 +37,7 @@ def setup(tmp_path_factory):
     eft = EpipolarFeatureTransformer(EFTConfig(hidden_dim=16, n_layers=1, backbone_weights="random"))
     save_eft(eft, root / "eft.pt")
     vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=16), image_size=SIZE // 8))
-    vldm.save_checkpoint(root / "vldm.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, root / "vldm.pt")
     vae = AutoencoderKL(AutoencoderKLConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, norm_groups=4))
     save_vae(vae, root / "vae.ckpt")
     return root
@@ -263,7 +264,7 @@ def test_nearest_input_view_is_the_closest_viewing_direction():
 
 def test_checkpoints_that_do_not_fit_together_are_named(setup, tmp_path, capsys):
     vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=8), image_size=SIZE // 8))
-    vldm.save_checkpoint(tmp_path / "vldm8.pt", 0, *training_optimizer(vldm))
+    save_vldm(vldm, tmp_path / "vldm8.pt")
     with pytest.raises(SystemExit):
         demo.main(flags(setup, *SMALL_RUN, "-l", str(tmp_path / "vldm8.pt")))
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -291,3 +292,141 @@ def test_a_truncated_mini_checkpoint_names_the_file_and_the_fix(setup, tmp_path,
     with pytest.raises(SystemExit):
         demo.main(flags(setup, *SMALL_RUN, "-e", str(mini / "eft.pt")))
     assert "EFT checkpoint not found at" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: found up front, all at once; divergence; interruption; reruns
+
+
+def test_every_problem_is_reported_at_once_before_any_work(setup, tmp_path, capsys):
+    data = shutil.copytree(setup / "data", tmp_path / "data")
+    scene_1 = sorted((data / "hydrant").glob("*_001"))[0]
+    (scene_1 / "images" / "frame000005.jpg").unlink()  # a bad scene after the first
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(flags(setup, "-r", str(data), "-i", "0,1,7", "-e", "missing/eft.pt", "-l", str(tmp_path),
+                        "-o", str(a_file / "out"), *SMALL_RUN))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("error: ") for line in lines) and len(lines) == 5, lines
+    assert "EFT checkpoint not found at missing/eft.pt" in lines[0]
+    assert f"VLDM checkpoint {tmp_path} is a folder, not a file" in lines[1]
+    assert "-i/--idx 7 is out of range: hydrant has 2 scenes (0..1)" in lines[2]
+    assert "hydrant scene 1: image not found: " in lines[3] and "frame000005.jpg" in lines[3]
+    assert "output folder -o" in lines[4] and "is not writable" in lines[4]
+
+
+def test_a_scene_whose_cameras_are_unusable_is_refused_before_any_work(setup, tmp_path, capsys, monkeypatch):
+    from sparsefusion.data.toy import save_toy, toy_path
+
+    scenes = [demo.open_dataset(demo.config_from_args(demo.parse_args(flags(setup))), "hydrant")[i] for i in (0, 1)]
+    scenes[1].cameras.R[3] = 0.0  # a degenerate camera: upstream's demo ran it to NaN metrics
+    save_toy(tmp_path / "toy", "hydrant", scenes)
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, "-d", "co3d_toy", "-r", str(tmp_path / "toy"), "-i", "0,1", "-o", str(tmp_path / "out"),
+                        *SMALL_RUN))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hydrant scene 1 (" in err[0] and "cameras" not in err[0].split(":")[0]
+    assert "an R that is not a rotation (views [3]); fix its annotations" in err[0]
+    assert not (tmp_path / "out").exists() and toy_path(tmp_path / "toy", "hydrant").is_file()
+
+
+def test_a_diverging_scene_stops_in_one_line_without_nan_metrics(setup, tmp_path, capsys, monkeypatch):
+    from sparsefusion.distill import Distillation
+
+    step = Distillation.step
+
+    def poison_at_iteration_2(distillation, iteration):
+        losses = step(distillation, iteration)
+        if iteration == 2:
+            with torch.no_grad():
+                next(distillation.nerf.parameters()).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(Distillation, "step", poison_at_iteration_2)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(flags(setup, *SMALL_RUN, "-o", str(out), "distill.log_every=2"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: hydrant_000_c2: the NeRF diverged (weights NaN or infinite by iteration 2), so the "
+                       "scene has no metrics; check its cameras and images, or lower distill.lr")
+    assert not (out / "metrics").exists() and not (out / "summary.json").exists()
+
+
+def test_ctrl_c_during_a_gif_write_is_one_line_and_leaves_no_partial_file(setup, tmp_path, capsys, monkeypatch):
+    from sparsefusion import reconstruct
+    from sparsefusion.atomic_files import atomic_path
+
+    def interrupted(frames, path, **kwargs):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"GIF89a")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(reconstruct, "write_gif", interrupted)
+    out = tmp_path / "out"
+    assert demo.main(flags(setup, *SMALL_RUN, "-o", str(out))) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "hydrant_000_c2: 14/14 (100%)" in err  # stderr is no terminal: progress comes as lines
+    assert err.strip().splitlines()[-1] == (f"interrupted: the scenes finished so far are in {out}; rerun with "
+                                            f"skip_done=true to go on from there")
+    assert not [path for path in out.rglob("*") if path.name.startswith(".")]
+
+
+def test_skip_done_reuses_complete_scenes_and_old_temporaries_are_removed(setup, run, tmp_path, capsys, monkeypatch):
+    from sparsefusion import reconstruct
+
+    out = shutil.copytree(run[0], tmp_path / "out")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    stale = out / "render_gifs" / f".hydrant_000_c2.gif.partial-{finished.pid}-q9w8.gif"
+    stale.write_bytes(b"GIF89a")
+    monkeypatch.setattr(reconstruct, "reconstruct_scene", lambda *args, **kwargs: pytest.fail("recomputed"))
+    demo.main(flags(setup, *SMALL_RUN, "-o", str(out), "skip_done=true"))
+    assert "hydrant_000_c2: done by an earlier run, skipped (skip_done)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["sequence"] for s in summary["scenes"]] == ["hydrant_000_c2"]
+    assert summary["mean"]["psnr"] == pytest.approx(run[1]["psnr"])
+    assert not stale.exists()
+
+
+def test_previews_are_labelled(run):
+    out, _ = run
+    from sparsefusion.outputs import LABEL_HEIGHT
+
+    preview = imageio.imread(out / "log" / "hydrant_000_c2_vis.jpg")
+    assert preview.shape[:2] == (SIZE + LABEL_HEIGHT, 2 * SIZE)
+
+
+def test_with_several_processes_checkpoint_contents_are_checked_before_spawning(setup, tmp_path, capsys, monkeypatch):
+    from sparsefusion import distributed
+
+    vldm = VLDM(VLDMConfig(unet=UnetConfig.small(cond_images_channels=8), image_size=SIZE // 8))
+    save_vldm(vldm, tmp_path / "vldm8.pt")
+    monkeypatch.setattr(distributed, "launch", lambda *args, **kwargs: pytest.fail("spawned"))
+    with pytest.raises(SystemExit):
+        demo.main(flags(setup, *SMALL_RUN, "-g", "2", "-l", str(tmp_path / "vldm8.pt")))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "makes 16-channel features but the VLDM at" in err[0]
+
+
+def test_help_imports_neither_torchvision_nor_lpips():
+    script = ("import runpy, sys\nsys.argv = ['demo.py', '--help']\ntry:\n    runpy.run_path('demo.py', "
+              "run_name='__main__')\nexcept SystemExit:\n    pass\nprint(sorted({'torchvision', 'lpips', 'skimage', "
+              "'matplotlib'} & set(sys.modules)), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_sigterm_stops_like_ctrl_c_and_its_handler_is_restored(setup, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from sparsefusion import reconstruct
+
+    monkeypatch.setattr(reconstruct, "write_gif", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    assert demo.main(flags(setup, *SMALL_RUN, "-o", str(tmp_path / "out"))) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("interrupted: the scenes finished so far")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

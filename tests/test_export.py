@@ -40,7 +40,7 @@ def test_exported_weights_are_float16_and_load_back_as_float32(training_run, tmp
     manifest = export(out, joint_dir=training_run["joint"])  # a second export adds to the manifest
     assert set(manifest) == {"vae", "eft", "vldm"}
     stored = torch.load(out / "vldm.pt", weights_only=True)
-    assert set(stored) == {"step", "model_state_dict", "config"} and stored["step"] == 7
+    assert set(stored) == {"step", "model_state_dict", "config", "checksum"} and stored["step"] == 7
     assert all(v.dtype == torch.float16 for v in stored["model_state_dict"].values() if v.is_floating_point())
 
     loaded = {"eft": load_eft(out / "eft.pt"), "vldm": VLDM.from_checkpoint(out / "vldm.pt"),

@@ -293,3 +293,6 @@ def test_mesh_command_exports_a_saved_nerf(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         mesh_main([str(tmp_path / "missing.pt"), str(tmp_path / "x.ply")])
     assert stop.value.code == 2
+    with pytest.raises(SystemExit):  # the hint names this command's flag (demo.py's is --mesh_threshold)
+        mesh_main([str(checkpoint), str(tmp_path / "x.ply"), "--resolution", "9", "--device", "cpu", "--threshold", "1e9"])
+    assert capsys.readouterr().err.strip().endswith("pass a threshold between them with --threshold")

@@ -3,7 +3,9 @@
 import importlib.util
 import os
 import runpy
+import shutil
 import signal
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError
 from sparsefusion.joint_objective import colors_at_rays, draw_query_and_context_size, training_batch, valid_loss_mask
 from sparsefusion.trainer import Trainer, check_inputs, run_training
+from sparsefusion.outputs import LABEL_HEIGHT
 from sparsefusion.relative_cameras import relative_cameras
 from sparsefusion.training import load_config
 from sparsefusion.vae import load_latent_codec, save_vae
@@ -197,8 +200,9 @@ def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
     vldm_ckpt = load_file(exp / "ckpt_latest.pt", "VLDM checkpoint")
     eft_ckpt = load_file(exp / "ckpt_latest_eft.pt", "EFT checkpoint")
     assert set(vldm_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict",
-                              "config", "train_config", "rng_state"}
-    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
+                              "config", "train_config", "rng_state", "checksum"}
+    assert set(eft_ckpt) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config",
+                             "checksum"}
     assert vldm_ckpt["step"] == eft_ckpt["step"] == 2
     assert vldm_ckpt["train_config"] == asdict(config)
     assert eft_ckpt["scheduler_state_dict"]["last_epoch"] == 2
@@ -212,7 +216,8 @@ def test_outputs_and_checkpoints_in_upstreams_layout(small_config, tmp_path):
 
     import imageio.v2 as imageio
     image = imageio.imread(exp / "log" / "train_000002.jpg")
-    assert image.shape[0] == 64 and image.shape[1] % 64 == 0 and 5 <= image.shape[1] // 64 <= 8  # V + 3 panels
+    assert image.shape[0] == 64 + LABEL_HEIGHT and image.shape[1] % 64 == 0 and 5 <= image.shape[1] // 64 <= 8
+    assert image[:LABEL_HEIGHT].max() > 128 and image[:LABEL_HEIGHT].min() < 64  # V + 3 panels, captioned
 
 
 def test_resumed_run_matches_an_uninterrupted_one(small_config, tmp_path):
@@ -346,7 +351,7 @@ def test_vae_stage_learns_and_writes_a_vae_file_with_its_scale(small_config, tmp
     assert loss() < 0.7 * before
     ckpt = load_file(tmp_path / "vae" / "ckpt_latest_vae.pt", "VAE checkpoint")
     assert set(ckpt) == {"step", "state_dict", "config", "scale_factor", "optimizer_state_dict",
-                         "scheduler_state_dict", "train_config", "rng_state"}
+                         "scheduler_state_dict", "train_config", "rng_state", "checksum"}
     reference = torch.cat([trainer.dataset[(0, i)].images for i in range(len(trainer.dataset))])
     with torch.no_grad():
         modes = trainer.objective.vae.eval().encode(reference * 2 - 1).mode()
@@ -405,3 +410,155 @@ def test_the_loss_log_spans_resumed_runs_and_drops_rows_past_the_checkpoint(smal
     assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
     assert all(float(line.split(",")[2]) < 9.0 for line in lines[1:])
     assert (exp / "log" / "_loss.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures: divergence, kills during saves, damaged checkpoint sets, settings that contradict the run
+
+
+def train_argv(data_root, vae_path, exp_dir, *overrides):
+    """train.py's command line for the small config on the synthetic scenes."""
+    return ["--config", str(SMALL), "-c", "hydrant", "-d", "synthetic", "-r", str(data_root), "-a", str(vae_path),
+            f"exp_dir={exp_dir}", "tensorboard=false", "vis_itr=0", "num_workers=0", *overrides]
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_good_checkpoint(data_root, vae_path, tmp_path, monkeypatch,
+                                                                         capsys):
+    from sparsefusion.joint_objective import JointObjective
+
+    draw = JointObjective.batch
+    calls = []
+
+    def nan_from_step_3(objective, scene):
+        calls.append(1)
+        batch = draw(objective, scene)
+        if len(calls) >= 3:
+            batch.latents = batch.latents * float("nan")
+        return batch
+
+    monkeypatch.setattr(JointObjective, "batch", nan_from_step_3)
+    exp = tmp_path / "diverged"
+    train = runpy.run_path(str(ROOT / "train.py"), run_name="train_cli")
+    with pytest.raises(SystemExit) as exit_info:
+        train["main"](train_argv(data_root, vae_path, exp, "iterations=6", "save_itr=2", "log_itr=1"))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged: the loss became NaN or infinite between steps 3 and 3" in errors[0]
+    assert f"{exp}'s checkpoint of step 2 is kept" in errors[0] and "lower lr" in errors[0]
+    checkpoint = load_file(exp / "ckpt_latest.pt", "checkpoint")
+    assert checkpoint["step"] == 2
+    assert all(value.isfinite().all() for value in checkpoint["model_state_dict"].values())
+    assert [line.split(",")[0] for line in (exp / "log" / "losses.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+class Killed(BaseException):
+    """Fault injection: the process dies here (nothing catches a BaseException)."""
+
+
+def test_a_kill_between_the_renames_of_a_save_is_completed_on_restart(small_config, tmp_path, monkeypatch, capsys):
+    exp = tmp_path / "killed"
+    config = small_config("iterations=4", "save_itr=2", exp_dir=exp)
+    trainer = Trainer(config, single_rank())
+    replace = os.replace
+    commit_renames = []
+
+    def die_at_the_second_rename_of_step_4(source, target):
+        if trainer.step == 4 and not Path(target).name.startswith("."):
+            if commit_renames:
+                raise Killed
+            commit_renames.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", die_at_the_second_rename_of_step_4)
+    with pytest.raises(Killed):
+        trainer.train()
+    monkeypatch.undo()
+    assert load_file(exp / "ckpt_latest.pt", "x")["step"] == 4 and load_file(exp / "ckpt_latest_eft.pt", "x")["step"] == 2
+
+    resumed = Trainer(config, single_rank())
+    assert resumed.step == 4
+    assert "completed the save of" in capsys.readouterr().err
+    assert not list(exp.glob(".*"))
+    assert load_file(exp / "ckpt_latest_eft.pt", "x")["step"] == 4
+
+
+def test_temporaries_of_killed_saves_are_removed_at_start(small_config, tmp_path):
+    exp = tmp_path / "orphans"
+    config = small_config("iterations=1", "save_itr=1", exp_dir=exp)
+    Trainer(config, single_rank()).train()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    orphans = [exp / ".ckpt_latest.pt.pending", exp / f".ckpt_latest.pt.pending.partial-{finished.pid}-a1b2.pending",
+               exp / "log" / f".losses.csv.partial-{finished.pid}-c3d4.csv"]
+    for path in orphans:
+        path.write_bytes(bytes(1000))
+    Trainer(config, single_rank())
+    assert not any(path.exists() for path in orphans)
+
+
+def test_a_damaged_checkpoint_set_names_what_can_repair_it(small_config, tmp_path):
+    exp = tmp_path / "damaged"
+    config = small_config("iterations=2", "save_itr=1", "archive_itr=1", exp_dir=exp)
+    Trainer(config, single_rank()).train()
+    shutil.copy(exp / "ckpt_000001_eft.pt", exp / "ckpt_latest_eft.pt")
+    with pytest.raises(UserError, match=r"different steps \{'vldm': 2, 'eft': 1\}; copy a complete archived set over "
+                                        r"them \(ckpt_\{step\}\* of steps \[1, 2\]\)"):
+        Trainer(config, single_rank())
+    for archived in exp.glob("ckpt_00000*"):
+        archived.unlink()
+    with pytest.raises(UserError, match="there is no archived set to restore; move the files away"):
+        Trainer(config, single_rank())
+    (exp / "ckpt_latest.pt").rename(exp / ".ckpt_latest.pt.pending")
+    with pytest.raises(UserError, match=r"\.ckpt_latest\.pt\.pending holds the unfinished save of the other part"):
+        Trainer(config, single_rank())
+    assert (exp / ".ckpt_latest.pt.pending").is_file()  # what could repair the set is never deleted
+
+
+def test_resuming_refuses_settings_that_define_the_run_and_applies_a_new_learning_rate(small_config, tmp_path, capsys):
+    exp = tmp_path / "settings"
+    Trainer(small_config("iterations=1", "save_itr=1", exp_dir=exp), single_rank()).train()
+    with pytest.raises(UserError, match=r"other settings: eft\.n_layers=1 \(asked: 2\); image_size=64 \(asked: 32\); "
+                                        r"a resumed run keeps them"):
+        Trainer(small_config("iterations=2", "image_size=32", "eft.n_layers=2", exp_dir=exp), single_rank())
+    resumed = Trainer(small_config("iterations=3", "lr=1e-3", "lr_step=2", exp_dir=exp), single_rank())
+    assert "resuming with lr 0.001 (was 5e-05), lr_step 2 (was 50000)" in capsys.readouterr().err
+    for optimizer, scheduler in zip(resumed.objective.optimizers, resumed.objective.schedulers):
+        assert optimizer.param_groups[0]["lr"] == 1e-3 and scheduler.step_size == 2
+    resumed.train()  # StepLR halves the new rate at step 2 as if it had been used from the start
+    assert resumed.objective.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert "lr: 0.001" in (exp / "config.yaml").read_text()
+
+
+def test_every_bad_setting_is_named_at_once(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_config(SMALL, ["category=hydrant", "iterations=-5", "port=12", "precision=fp16", "image_size=60"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 4
+    assert lines[0] == "precision must be one of ['fp32', 'tf32', 'bf16'], got 'fp16'"
+    assert "iterations must be 0 (max_epochs passes) or more, got -5" in lines
+    assert "-p/--port 12 must be a single digit 0-9 (the port is 1234{p}); e.g. -p 2" in lines
+    assert lines[3] == "image_size 60 must be a multiple of feature_scale 8; e.g. image_size=56"  # a value that works
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("category: hydrant\neft: {n_layers: 2\n")
+    with pytest.raises(UserError, match=r"config file .*broken\.yaml is not valid YAML at line 3"):
+        load_config(broken)
+
+
+def test_missing_inputs_are_reported_together_before_any_work(small_config, tmp_path):
+    config = small_config(f"vae={tmp_path / 'nowhere.ckpt'}", f"init_eft={tmp_path}", f"root={tmp_path / 'no_data'}")
+    with pytest.raises(UserError) as err:
+        run_training(config)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert "VAE checkpoint not found at" in lines[0] and "init_eft checkpoint" in lines[1] and "is a folder" in lines[1]
+    assert "no synthetic data for ['hydrant']" in lines[2]
+
+
+def test_a_finished_run_says_there_is_nothing_to_train_and_progress_goes_to_redirected_stderr(small_config, tmp_path,
+                                                                                           capsys):
+    config = small_config("iterations=2", exp_dir=tmp_path / "done")
+    Trainer(config, single_rank()).train()
+    err = capsys.readouterr().err  # not a terminal: progress lines, not a bar
+    assert f"checkpoints and logs go to {tmp_path / 'done'}" in err and "2/2 (100%)" in err
+    assert Trainer(config, single_rank()).train() == 2
+    assert "nothing to train: " in capsys.readouterr().err

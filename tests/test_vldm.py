@@ -10,7 +10,10 @@ from sparsefusion.external.imagen_unet import PixelShuffleUpsample, Unet, UnetCo
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import FastPathConfig, PreparedUnet, fast_unet
 from sparsefusion.schedule import COSINE_S, cosine_log_snr, q_sample
-from sparsefusion.vldm import VLDM, VLDMConfig, load_training_state, training_optimizer
+from sparsefusion.checkpoint import load_file, load_training_state, model_checkpoint, save_atomic
+from sparsefusion.joint_objective import adam_with_step_lr
+from sparsefusion.training import TrainConfig
+from sparsefusion.vldm import VLDM, VLDMConfig, save_vldm
 
 # Keys, shapes and dtypes of the released ckpt_latest.pt's model_state_dict, in its order.
 RELEASED_KEYS = Path(__file__).parent / "data" / "keys_ckpt_latest.tsv"
@@ -125,15 +128,16 @@ def test_loss_mask_removes_the_masked_region():
 
 def test_checkpoint_round_trip_in_upstreams_layout(tmp_path):
     vldm = randomise_final_conv(small_vldm())
-    optimizer, scheduler = training_optimizer(vldm)
+    optimizer, scheduler = adam_with_step_lr(vldm, TrainConfig())
     x0, _, cond = inputs()
     vldm(x0, cond).backward()
     optimizer.step()
     scheduler.step()
-    path = vldm.save_checkpoint(tmp_path / "ckpt_latest.pt", 7, optimizer, scheduler)
+    path = save_atomic(model_checkpoint(vldm, 7, optimizer, scheduler), tmp_path / "ckpt_latest.pt")
 
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config"}
+    assert set(saved) == {"step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "config",
+                          "checksum"}
     assert all(key.startswith("unets.0.") for key in saved["model_state_dict"])
     assert saved["scheduler_state_dict"]["step_size"] == 50000 and saved["scheduler_state_dict"]["gamma"] == 0.5
     assert saved["optimizer_state_dict"]["param_groups"][0]["initial_lr"] == 5e-5
@@ -143,11 +147,13 @@ def test_checkpoint_round_trip_in_upstreams_layout(tmp_path):
     for key, value in vldm.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     resumed = small_vldm()
-    optimizer2, scheduler2 = training_optimizer(resumed)
-    assert load_training_state(path, resumed, optimizer2, scheduler2) == 7
+    optimizer2, scheduler2 = adam_with_step_lr(resumed, TrainConfig())
+    load_training_state(resumed, load_file(path, "VLDM checkpoint"), optimizer2, scheduler2, "VLDM checkpoint")
     assert scheduler2.last_epoch == 1
     for index, state in optimizer.state_dict()["state"].items():
         assert torch.equal(optimizer2.state_dict()["state"][index]["exp_avg"], state["exp_avg"])
+    weights_only = load_file(save_vldm(vldm, tmp_path / "weights.pt"), "VLDM checkpoint")
+    assert set(weights_only) == {"step", "model_state_dict", "config", "checksum"}
 
 
 def test_checkpoint_loading_is_strict(tmp_path):

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparsefusion.cameras import PerspectiveCameras
+from sparsefusion.cameras import PerspectiveCameras, unusable_cameras
 from sparsefusion.config import check_choice
 from sparsefusion.data.categories import expand_categories
 from sparsefusion.data.crop import (RESIZE_MODES, crop_and_resize, cropped_cameras, pixel_to_ndc_intrinsics,
                                     valid_region_box)
 from sparsefusion.data.scene import Scene
-from sparsefusion.errors import UserError
+from sparsefusion.errors import UserError, raise_problems
 
 LAYOUT = (
     "expected the CO3Dv2 layout: {root}/{category}/frame_annotations.jgz, "
@@ -153,7 +153,7 @@ def parse_frame(entry, category, path, index):
             category=category, sequence_name=str(entry["sequence_name"]),
             frame_number=int(entry["frame_number"]), timestamp=float(entry.get("frame_timestamp") or 0.0),
             image_path=str(image["path"]), image_hw=(height, width),
-            mask_path=str(mask["path"]), mask_mass=mask.get("mass"),
+            mask_path=str(mask["path"]), mask_mass=None if mask.get("mass") is None else float(mask["mass"]),
             R=viewpoint["R"], T=viewpoint["T"], focal_length=viewpoint["focal_length"],
             principal_point=viewpoint["principal_point"], intrinsics_format=intrinsics_format,
             frame_type=(entry.get("meta") or {}).get("frame_type"),
@@ -192,7 +192,7 @@ def read_category(root, category, subset, split):
     except (KeyError, TypeError) as err:
         raise UserError(f"{sequences_path}: every entry needs a sequence_name ({err}); {LAYOUT}") from err
     listed = {path for _, _, path in set_list.get(split, [])}
-    frames = []
+    frames, indices = [], []
     for index, entry in enumerate(entries):
         frame = parse_frame(entry, category, frames_path, index)
         if frame.mask_mass is None:
@@ -200,7 +200,31 @@ def read_category(root, category, subset, split):
                             f"drop empty masks, as upstream")
         if frame.mask_mass > 1 and frame.image_path in listed and frame.sequence_name in known_sequences:
             frames.append(frame)
+            indices.append(index)
+    raise_problems(viewpoint_problems(frames, indices, frames_path))
     return frames
+
+
+def viewpoint_problems(frames, indices, path):
+    """Return one line per kind of unusable camera among frames, naming their annotation indices in the file at path."""
+    if not frames:
+        return []
+    try:
+        cameras = original_cameras(frames)
+    except (TypeError, ValueError, RuntimeError):  # a value that is no number, or a list of the wrong length
+        index = next(index for frame, index in zip(frames, indices) if not _converts(frame))
+        return [f"{path}: frame annotation {index} has a viewpoint value that is not a number or not of its size "
+                f"(R 3x3, T 3, focal_length 2, principal_point 2); fix or remove it"]
+    return [f"{path}: frame annotations {[indices[i] for i in bad]} have {what}; fix or remove them"
+            for what, bad in unusable_cameras(cameras).items()]
+
+
+def _converts(frame):
+    try:
+        original_cameras([frame])
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 class CO3DDataset(torch.utils.data.Dataset):

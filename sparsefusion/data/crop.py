@@ -46,12 +46,14 @@ def foreground_box(mask, threshold=0.4, threshold_step=0.05):
 
     As implicitron: while at most one pixel passes, the threshold drops by threshold_step (an empty
     mask ends with the whole image). The box's far edges are exclusive: x0 + width is one past the
-    last foreground column.
+    last foreground column. ValueError for a mask of fewer than 2 pixels.
 
     Args:
         mask: (1, H, W) or (H, W) foreground probability in [0, 1].
     """
     mask = mask.reshape(mask.shape[-2:])
+    if mask.numel() < 2:  # the loop below ends once two pixels pass, which one pixel never does
+        raise ValueError(f"the mask is {mask.shape[0]}x{mask.shape[1]} pixels; a foreground box needs at least 2")
     selected = torch.zeros_like(mask, dtype=torch.bool)
     while selected.sum() <= 1:
         selected = mask > threshold

@@ -17,8 +17,6 @@ import argparse
 import gzip
 import json
 import math
-import os
-import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sparsefusion.atomic_files import remove_stale_temporaries, write_bytes
 from sparsefusion.cameras import PerspectiveCameras, look_at_view_transform
 from sparsefusion.data.co3d import INTRINSICS_FORMATS, pixels_to_viewpoint
 from sparsefusion.data.crop import ndc_to_pixel_intrinsics, valid_region_box
@@ -253,20 +252,6 @@ def viewpoint_annotation(cameras, index, intrinsics_format):
             "intrinsics_format": intrinsics_format}
 
 
-def write_atomic_bytes(path, data):
-    """Write bytes to path through a temporary file in the same folder, renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def jgz_bytes(content):
     """Return content as gzipped JSON, byte-identical for identical content (no timestamp)."""
     return gzip.compress(json.dumps(content).encode("utf8"), mtime=0)
@@ -358,6 +343,7 @@ def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames
     if not 0 <= eval_scenes <= scenes:
         raise UserError(f"--eval-scenes must be between 0 and --scenes ({scenes}), got {eval_scenes}")
     start = time.time()
+    remove_stale_temporaries(root)
     tasks = [(root, category, index, seed, frames, tuple(image_sizes[index % len(image_sizes)]),
               INTRINSICS_FORMATS[index % 2], "test_known" if index >= scenes - eval_scenes else "train_known",
               supersample, device) for category in categories for index in range(scenes)]
@@ -381,7 +367,7 @@ def generate_dataset(root, categories=("hydrant", "teddybear"), scenes=3, frames
             "image_sizes_hw": sizes, "frames": sum(len(f) for f in frames_by_sequence.values())}
     summary["total_frames"] = sum(c["frames"] for c in summary["categories"].values())
     summary["seconds"] = round(time.time() - start, 2)
-    write_atomic_bytes(Path(root) / "synthetic_summary.json", json.dumps(summary, indent=2).encode())
+    write_bytes(json.dumps(summary, indent=2).encode(), Path(root) / "synthetic_summary.json")
     return summary
 
 
@@ -398,12 +384,12 @@ def _map(function, items, workers):
 def write_category_annotations(folder, category, frames_by_sequence, eval_sequences):
     """Write a category's set lists, sequence and frame annotations (frame_annotations.jgz last)."""
     for subset, content in set_lists(frames_by_sequence, eval_sequences).items():
-        write_atomic_bytes(folder / "set_lists" / f"set_lists_{subset}.json", json.dumps(content).encode())
+        write_bytes(json.dumps(content).encode(), folder / "set_lists" / f"set_lists_{subset}.json")
     sequences = [{"sequence_name": n, "category": category, "video": None, "point_cloud": None,
                   "viewpoint_quality_score": 1.0} for n in frames_by_sequence]
-    write_atomic_bytes(folder / "sequence_annotations.jgz", jgz_bytes(sequences))
+    write_bytes(jgz_bytes(sequences), folder / "sequence_annotations.jgz")
     all_frames = [f for n in frames_by_sequence for f in frames_by_sequence[n]]
-    write_atomic_bytes(folder / "frame_annotations.jgz", jgz_bytes(all_frames))
+    write_bytes(jgz_bytes(all_frames), folder / "frame_annotations.jgz")
 
 
 def main(argv=None):
