@@ -534,7 +534,7 @@ def test_every_bad_setting_is_named_at_once(tmp_path):
         load_config(SMALL, ["category=hydrant", "iterations=-5", "port=12", "precision=fp16", "image_size=60"])
     lines = str(err.value).splitlines()
     assert len(lines) == 4
-    assert lines[0] == "precision must be one of ['fp32', 'tf32', 'bf16'], got 'fp16'"
+    assert lines[0] == "precision must be one of 'fp32', 'tf32', 'bf16', got 'fp16'"
     assert "iterations must be 0 (max_epochs passes) or more, got -5" in lines
     assert "-p/--port 12 must be a single digit 0-9 (the port is 1234{p}); e.g. -p 2" in lines
     assert lines[3] == "image_size 60 must be a multiple of feature_scale 8; e.g. image_size=56"  # a value that works
