@@ -1,36 +1,47 @@
 #!/usr/bin/env bash
-# One GPU call of the mini recipe (docs/mini.md): the training data when missing (traced on the GPU),
-# stage 1 (the VAE) when VAE_STEPS > 0, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds
-# after the start, resuming the checkpoints carried in (output/mini/{vae,joint}); the training
-# checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to $OUT. Export them
-# afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
-#   VAE_STEPS=6000 VAE_BUDGET_S=200 JOINT_STEPS=40000 END_S=520 bash benchmarks/gpu_mini_train.sh
-# Keep END_S some 60 s under the call's limit: stopping, saving and copying take that long there.
+# One GPU call of the mini recipe (docs/mini.md): the training and held-out data when missing (traced
+# on the GPU), stage 1 (the VAE) for VAE_BUDGET_S seconds when VAE_STEPS > 0, scored on held-out
+# scenes and exported, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds after the start,
+# resuming the checkpoints carried in (output/mini/{vae,joint}); JOINT_ARGS adds train.py overrides
+# (e.g. init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt for a first run on a new
+# VAE). The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to
+# $OUT. Export them afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
+#   VAE_STEPS=100000 VAE_BUDGET_S=240 JOINT_STEPS=100000 END_S=520 bash benchmarks/gpu_mini_train.sh
+# Keep END_S some 60 s under the call's limit: stopping, saving and copying take that long there, and
+# a stopped train.py can linger at exit (its DataLoader workers), hence timeout's -k.
 . benchmarks/gpu_setup.sh
 set -o pipefail
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
+categories="hydrant teddybear suitcase vase"
 if [ ! -f data/mini/train/vase/frame_annotations.jgz ]; then
-  python3 -m sparsefusion.data.synthetic --root data/mini/train --categories hydrant teddybear suitcase vase \
-    --scenes 200 --eval-scenes 0 --frames 16 --seed 0 --image-sizes 84x112 112x84 --workers 8 --device cuda \
+  python3 -m sparsefusion.data.synthetic --root data/mini/train --categories $categories \
+    --scenes 200 --eval-scenes 0 --frames 16 --seed 0 --image-sizes 84x112 112x84 --workers 15 --device cuda \
     > $OUT/gen.log 2>&1 || { tail -5 $OUT/gen.log; exit 1; }
+fi
+if [ ! -f data/mini/eval/vase/frame_annotations.jgz ]; then  # as demo.py --mini writes them (configs/mini_demo.yaml)
+  python3 -m sparsefusion.data.synthetic --root data/mini/eval --categories $categories \
+    --scenes 12 --eval-scenes 12 --frames 32 --seed 1 --image-sizes 84x112 112x84 --workers 15 --device cuda \
+    > $OUT/gen_eval.log 2>&1 || { tail -5 $OUT/gen_eval.log; exit 1; }
 fi
 echo "== data ready at $(elapsed) s"
 if [ "${VAE_STEPS:-0}" -gt 0 ]; then
-  timeout -s TERM "$VAE_BUDGET_S" python3 train.py --config configs/mini_train.yaml stage=vae iterations=$VAE_STEPS \
-    > $OUT/vae.log 2>&1
+  timeout -s TERM -k 30 "$VAE_BUDGET_S" python3 train.py --config configs/mini_train.yaml stage=vae \
+    iterations=$VAE_STEPS > $OUT/vae.log 2>&1
   echo "== vae rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/vae.log | grep -v '^\s*$' | tail -2
+  python3 benchmarks/eval_vae.py --vae output/mini/vae/ckpt_latest_vae.pt --categories $categories \
+    --out $OUT/vae_heldout | tail -1
   python3 -m sparsefusion.export --vae output/mini/vae/ckpt_latest_vae.pt --out checkpoints/mini | tail -1 || exit 1
   cp output/mini/vae/ckpt_latest_vae.pt $OUT/
 fi
 if [ "${JOINT_STEPS:-0}" -gt 0 ]; then
   budget=$(( END_S - $(elapsed) ))
   echo "== joint: $budget s"
-  timeout -s TERM "$budget" python3 train.py --config configs/mini_train.yaml stage=joint iterations=$JOINT_STEPS \
-    > $OUT/joint.log 2>&1
+  timeout -s TERM -k 30 "$budget" python3 train.py --config configs/mini_train.yaml stage=joint \
+    iterations=$JOINT_STEPS $JOINT_ARGS > $OUT/joint.log 2>&1
   echo "== joint rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/joint.log | grep -v '^\s*$' | tail -3
   split -b 15M output/mini/joint/ckpt_latest.pt $OUT/ckpt_latest.pt.part.
   cp output/mini/joint/ckpt_latest_eft.pt $OUT/
 fi
-tar cf $OUT/logs.tar output/mini/*/log output/mini/*/config.yaml output/mini/*/tensorboard 2>/dev/null
+tar cf $OUT/logs.tar output/mini/*/log output/mini/*/config.yaml 2>/dev/null
 echo "== done at $(elapsed) s"; ls -la $OUT

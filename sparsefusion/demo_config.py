@@ -122,6 +122,9 @@ def demo_config_problems(config):
     problems += [f"{flag} must be 0 or more, got {value}" for flag, value in
                  (("--upsample_steps", render.upsample_steps), ("--circle_cameras", distill.circle_cameras),
                   ("--image_size", config.image_size)) if value < 0]
+    if not 0 < distill.noise_level_scale <= 1:
+        problems.append(f"distill.noise_level_scale must be in (0, 1], got {distill.noise_level_scale}; "
+                        "e.g. distill.noise_level_scale=1 (upstream's noise levels)")
     if config.image_size > 0 and distill.train_rays >= 1 and config.image_size % distill.train_rays:
         problems.append(train_rays_problem(distill.train_rays, config.image_size, "--image_size"))
     problems += problems_of(lambda: parse_index_list(config.input_index, "input_index", "0,4"),

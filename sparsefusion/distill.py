@@ -56,6 +56,8 @@ class DistillConfig:
     fusion_start: int = 1000           # diffusion distillation from the iteration after this one
     perceptual_start: int = 1000       # LPIPS term from this iteration on
     perceptual_weight: float = 0.1     # weight of the LPIPS(vgg) term
+    noise_level_scale: float = 1.0     # guidance noise levels t = min(u · scale, 0.99), u ~ U[0, 1) (upstream: 1);
+                                       # below 1 for a VLDM whose high-noise denoisings are worse than the EFT
     color_weight: float = 1.0          # Huber colour loss weight
     silhouette_weight: float = 1.0     # Huber silhouette loss weight
     opacity_weight: float = 1e-3       # weight of mean sqrt(silhouette² + 0.01)
@@ -157,7 +159,7 @@ class Distillation:
         self.train_rays = [nerf_rays(self.cameras.augmented[i], cfg.train_rays, cfg.image_size)
                            for i in range(len(self.cameras.augmented))]
         self.guidance = guidance or DiffusionGuidance(models, cfg.perceptual_weight, cfg.precision,
-                                                      self.generator, self.device_generator)
+                                                      self.generator, self.device_generator, cfg.noise_level_scale)
 
     def render_train(self, view):
         """Return (images (1, 3, s, s), silhouettes (1, 1, s, s)) of augmented camera view at s = train_rays."""

@@ -3,7 +3,8 @@
 SparseFusion §3.3, as upstream's distillation step after iteration 1000. For renders x (B, 3, S, S)
 in [0, 1] and the cached EFT features of their cameras:
 
-1. noise level: t ~ U[0, 1) clamped to at most 0.99, one draw of the CPU generator per call;
+1. noise level: t = u · noise_level_scale clamped to at most 0.99, u ~ U[0, 1), one draw of the CPU
+   generator per call (upstream: scale 1);
 2. encode: z = E(x), the VAE posterior's mode, scaled;
 3. truncated PLMS: z noised to time t, then denoised to time 0 conditioned on the features: ẑ_0;
 4. decode: x̂ = D(ẑ_0) clamped to [0, 1], the target (steps 1–4 see no gradient);
@@ -38,19 +39,22 @@ class GuidanceTargets:
 class DiffusionGuidance:
     """Turns renders into the distillation's diffusion loss through frozen VAE, VLDM and LPIPS models."""
 
-    def __init__(self, models, perceptual_weight=0.1, precision="fp32", generator=None, device_generator=None):
+    def __init__(self, models, perceptual_weight=0.1, precision="fp32", generator=None, device_generator=None,
+                 noise_level_scale=1.0):
         """Args:
             models: sparsefusion.models.Models (codec, vldm, unet, lpips; lpips None = no perceptual term).
             perceptual_weight: weight of the LPIPS term.
             precision: autocast of the VLDM's UNet (sparsefusion.precision); the VAE keeps its own.
             generator: CPU generator of the noise levels; device_generator: of the PLMS noise.
+            noise_level_scale: the noise levels' range, [0, scale) (upstream: 1).
         """
         self.models, self.perceptual_weight, self.precision = models, perceptual_weight, precision
+        self.noise_level_scale = noise_level_scale
         self.generator, self.device_generator = generator, device_generator
 
     def draw_noise_level(self):
-        """Return t = min(U[0, 1), 0.99), a Python float from the CPU generator (no device sync)."""
-        return min(float(torch.rand(1, generator=self.generator)), MAX_NOISE_LEVEL)
+        """Return t = min(u · noise_level_scale, 0.99), u ~ U[0, 1), a Python float from the CPU generator (no sync)."""
+        return min(float(torch.rand(1, generator=self.generator)) * self.noise_level_scale, MAX_NOISE_LEVEL)
 
     @torch.no_grad()
     def targets(self, images, features, noise_level):

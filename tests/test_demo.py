@@ -204,6 +204,12 @@ def test_each_upstream_quirks_fix_is_reachable_from_the_command_line(setup):
         demo.config_from_args(demo.parse_args(flags(setup, "high_noise=loud")))
 
 
+@pytest.mark.parametrize("scale", ["0", "1.5"])
+def test_a_noise_level_scale_outside_zero_to_one_is_refused_naming_upstreams(setup, scale):
+    with pytest.raises(UserError, match=r"distill.noise_level_scale must be in \(0, 1\], got .*=1 \(upstream"):
+        demo.config_from_args(demo.parse_args(flags(setup, f"distill.noise_level_scale={scale}")))
+
+
 def test_help_lists_every_field_with_its_default():
     done = subprocess.run([sys.executable, "demo.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0

@@ -149,11 +149,14 @@ def test_the_fusion_step_switches_from_the_eft_bootstrap_to_the_guidance_after_f
         assert "bootstrap_color" not in row and row["fusion"] == row["diffusion_l1"]
 
 
-def test_views_and_noise_levels_follow_upstreams_draws(scene):
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_views_and_noise_levels_follow_upstreams_draws(scene, scale):
     """Per iteration, from one generator: the first of a permutation of the input views (context step), the
     second of a permutation of the cached cameras (fusion step), then after fusion_start one uniform draw
-    clamped to 0.99 (the noise level) — upstream's torch.randperm / torch.rand calls in its order."""
-    models, config, seed = fake_models(), small_config(iterations=5, fusion_start=1), 11
+    clamped to 0.99 (the noise level) — upstream's torch.randperm / torch.rand calls in its order; a
+    noise_level_scale below 1 narrows the noise levels' range and draws the same numbers."""
+    models, seed = fake_models(), 11
+    config = small_config(iterations=5, fusion_start=1, noise_level_scale=scale)
     d = distillation(scene, models, config, seed=seed)
     rendered = []
     render_train = d.render_train
@@ -168,7 +171,7 @@ def test_views_and_noise_levels_follow_upstreams_draws(scene):
         expected_views.append(INPUTS[int(torch.randperm(len(INPUTS), generator=generator)[0])])
         expected_views.append(int(torch.randperm(n_cached, generator=generator)[1]))
         if iteration > config.fusion_start:
-            expected_levels.append(min(float(torch.rand(1, generator=generator)), 0.99))
+            expected_levels.append(min(float(torch.rand(1, generator=generator)) * scale, 0.99))
     assert rendered == expected_views
     calls = models.vldm.calls
     assert [call["max_thres"] for call in calls] == expected_levels
