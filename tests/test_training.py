@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsefusion.external.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
+from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from sparsefusion.cameras import PerspectiveCameras
 from sparsefusion.checkpoint import load_file
 from sparsefusion.data.synthetic import generate_dataset
@@ -25,7 +25,7 @@ from sparsefusion.outputs import LABEL_HEIGHT
 from sparsefusion.relative_cameras import relative_cameras
 from sparsefusion.training import load_config
 from sparsefusion.vae import load_latent_codec, save_vae
-from sparsefusion.vae_objective import kl_to_standard_normal
+from sparsefusion.vae_objective import VAEModel, kl_to_standard_normal, perceptual_model
 from sparsefusion.vldm import VLDM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +369,36 @@ def test_kl_term_is_the_closed_form_of_diagonal_gaussians():
         torch.distributions.Normal(mean[i], (0.5 * logvar[i]).exp()), torch.distributions.Normal(0.0, 1.0)).sum()
         for i in range(2)]
     torch.testing.assert_close(kl_to_standard_normal(posterior), torch.stack(expected))
+
+
+class MeanAbsoluteLPIPS(torch.nn.Module):
+    """Stands in for LPIPS: the mean absolute difference per image of inputs in [-1, 1], shaped (B, 1, 1, 1)."""
+
+    def forward(self, a, b):
+        return (a - b).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_the_vae_loss_adds_the_perceptual_term_per_pixel_as_ldm():
+    torch.manual_seed(0)
+    small = AutoencoderKLConfig(ch=8, ch_mult=[1, 2], num_res_blocks=1, norm_groups=4)
+    vae, images = AutoencoderKL(small), torch.rand(2, 3, 16, 16)
+    plain = VAEModel(vae, kl_weight=1e-3)
+    torch.manual_seed(1)
+    without = plain(images)
+    torch.manual_seed(1)  # the same posterior sample
+    with_term = VAEModel(vae, kl_weight=1e-3, perceptual_weight=0.5, lpips=MeanAbsoluteLPIPS())(images)
+    expected = ((with_term["reconstructions"] + 1) / 2 - images).abs().mean() * 2  # the stand-in works in [-1, 1]
+    torch.testing.assert_close(with_term["perceptual"], expected)
+    torch.testing.assert_close(with_term["total"], without["total"] + 0.5 * expected)
+    assert float(without["perceptual"]) == 0.0
+    assert not any(name.startswith("lpips") for name in VAEModel(vae, 1e-3, 0.5, MeanAbsoluteLPIPS()).state_dict())
+
+
+def test_the_perceptual_term_without_vgg_weights_is_one_line_naming_where_to_put_them(monkeypatch):
+    assert perceptual_model(0.0, "cpu") is None
+    monkeypatch.setattr("sparsefusion.vae_objective.build_lpips", lambda *args, **kwargs: None)
+    with pytest.raises(UserError, match="perceptual_weight=1.0 needs LPIPS: LPIPS\\(vgg\\) unavailable.*SPARSEFUSION_VGG16"):
+        perceptual_model(1.0, "cpu")
 
 
 def test_a_stop_signal_saves_the_step_and_the_run_resumes(small_config, tmp_path):
