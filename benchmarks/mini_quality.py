@@ -18,7 +18,9 @@ import json
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ ROWS = (("eft", "(a) EFT images"), ("vldm", "(b) VLDM samples (PLMS from noise, 
         ("sparsefusion", "(c) distilled NeRF (the method)"),
         ("inputs_only", "(d) NeRF fit to the input views alone"), ("nearest_input", "(e) nearest input view"))
 METRICS = ("psnr", "ssim", "lpips")
+METHODS = ("sparsefusion", "inputs_only")  # the demo's methods each run: (c) with the baselines, and (d)
 # what the table's run commands leave out: the mesh, and GIF frames beyond a few (the metrics don't need them)
 LEAN = ("mesh_resolution=32", "distill.turntable_frames=2")
 
@@ -60,15 +63,11 @@ def run_all(args):
     """Run every missing (method, views, seed, category) demo, args.jobs at a time; return failures."""
     write_eval_scenes(args.categories)
     jobs = []
-    for views in args.views:
-        for seed in args.seeds:
-            for method in ("sparsefusion", "inputs_only"):
-                for category in args.categories:
-                    directory = run_dir(args.out, method, views, seed, category)
-                    todo = missing_scenes(directory, category, args.scenes, views)
-                    if todo:
-                        jobs.append((directory, demo_command(directory, method, views, seed, category, todo,
-                                                             args.overrides)))
+    for views, seed, method, category in product(args.views, args.seeds, METHODS, args.categories):
+        directory = run_dir(args.out, method, views, seed, category)
+        todo = missing_scenes(directory, category, args.scenes, views)
+        if todo:
+            jobs.append((directory, demo_command(directory, method, views, seed, category, todo, args.overrides)))
     print(f"{len(jobs)} runs to do, {args.jobs} at a time", flush=True)
     start = time.time()
 
@@ -86,8 +85,7 @@ def run_all(args):
 
 
 def scene_values(out, method, views, seed, category, scenes):
-    """Return {row: {metric: [per-scene novel-view means]}} of one run directory's metrics files."""
-    values = {}
+    """Yield (row, metric, value) of a run directory's metrics files: each scene's novel-view means."""
     for index in range(scenes):
         path = run_dir(out, method, views, seed, category) / "metrics" / f"{category}_{index:03d}_c{views}.json"
         if not path.is_file():
@@ -96,32 +94,24 @@ def scene_values(out, method, views, seed, category, scenes):
         rows = {method: record["novel_views"]}
         rows.update({name: baseline["novel_views"] for name, baseline in record.get("baselines", {}).items()})
         for row, means in rows.items():
-            for metric in METRICS:
-                if means[metric] is not None:
-                    values.setdefault(row, {}).setdefault(metric, []).append(means[metric])
-    return values
+            yield from ((row, metric, means[metric]) for metric in METRICS if means[metric] is not None)
 
 
 def table(args):
     """Return {views: {row: {metric: {'mean', 'std', 'seeds', 'scenes'}}}}: over seeds, of means over scenes."""
+    pooled = defaultdict(list)  # (views, row, metric, seed) -> values of every scene of every category
+    for views, seed, method, category in product(args.views, args.seeds, METHODS, args.categories):
+        for row, metric, value in scene_values(args.out, method, views, seed, category, args.scenes):
+            pooled[views, row, metric, seed].append(value)
+    per_seed, scenes = defaultdict(list), {}  # (views, row, metric) -> [mean over scenes, one per seed]
+    for (views, row, metric, _), values in pooled.items():
+        per_seed[views, row, metric].append(float(np.mean(values)))
+        scenes[views, row, metric] = len(values)
     result = {}
-    for views in args.views:
-        per_seed = {}  # row -> metric -> [mean over scenes, one per seed]
-        counts = {}
-        for seed in args.seeds:
-            pooled = {}
-            for method in ("sparsefusion", "inputs_only"):
-                for category in args.categories:
-                    for row, metrics in scene_values(args.out, method, views, seed, category, args.scenes).items():
-                        for metric, values in metrics.items():
-                            pooled.setdefault(row, {}).setdefault(metric, []).extend(values)
-            for row, metrics in pooled.items():
-                for metric, values in metrics.items():
-                    per_seed.setdefault(row, {}).setdefault(metric, []).append(float(np.mean(values)))
-                    counts[row] = len(values)
-        result[views] = {row: {metric: {"mean": float(np.mean(v)), "std": float(np.std(v)), "seeds": len(v),
-                                        "scenes": counts[row]} for metric, v in metrics.items()}
-                         for row, metrics in per_seed.items()}
+    for (views, row, metric), means in per_seed.items():
+        result.setdefault(views, {}).setdefault(row, {})[metric] = {
+            "mean": float(np.mean(means)), "std": float(np.std(means)), "seeds": len(means),
+            "scenes": scenes[views, row, metric]}
     return result
 
 
