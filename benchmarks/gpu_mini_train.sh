@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call of the mini recipe (docs/mini.md): the training and held-out data when missing (traced
-# on the GPU), stage 1 (the VAE) for VAE_BUDGET_S seconds when VAE_STEPS > 0, scored on held-out
+# by 15 processes), stage 1 (the VAE) for VAE_BUDGET_S seconds when VAE_STEPS > 0, scored on held-out
 # scenes and exported, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds after the start,
 # resuming the checkpoints carried in (output/mini/{vae,joint}); JOINT_ARGS adds train.py overrides
 # (e.g. init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt for a first run on a new
@@ -16,12 +16,12 @@ elapsed() { echo $(( $(date +%s) - start )); }
 categories="hydrant teddybear suitcase vase"
 if [ ! -f data/mini/train/vase/frame_annotations.jgz ]; then
   python3 -m sparsefusion.data.synthetic --root data/mini/train --categories $categories \
-    --scenes 200 --eval-scenes 0 --frames 16 --seed 0 --image-sizes 84x112 112x84 --workers 15 --device cuda \
+    --scenes 200 --eval-scenes 0 --frames 16 --seed 0 --image-sizes 84x112 112x84 --workers 15 \
     > $OUT/gen.log 2>&1 || { tail -5 $OUT/gen.log; exit 1; }
 fi
 if [ ! -f data/mini/eval/vase/frame_annotations.jgz ]; then  # as demo.py --mini writes them (configs/mini_demo.yaml)
   python3 -m sparsefusion.data.synthetic --root data/mini/eval --categories $categories \
-    --scenes 12 --eval-scenes 12 --frames 32 --seed 1 --image-sizes 84x112 112x84 --workers 15 --device cuda \
+    --scenes 12 --eval-scenes 12 --frames 32 --seed 1 --image-sizes 84x112 112x84 --workers 15 \
     > $OUT/gen_eval.log 2>&1 || { tail -5 $OUT/gen_eval.log; exit 1; }
 fi
 echo "== data ready at $(elapsed) s"

@@ -51,19 +51,20 @@ def demo_command(directory, method, views, seed, category, indices, overrides):
             *(["baselines=true"] if method == "sparsefusion" else []), *LEAN, *overrides]
 
 
-def write_eval_scenes(categories):
+def write_eval_scenes(categories, workers):
     """Write the held-out scenes demo.py --mini would write, once, before the runs start side by side."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from demo import config_from_args, generate_missing_data, parse_args
 
-    generate_missing_data(config_from_args(parse_args(["--mini", "-c", ",".join(categories)])))
+    arguments = ["--mini", "-c", ",".join(categories), f"generate.workers={workers}"]
+    generate_missing_data(config_from_args(parse_args(arguments)))
 
 
 def run_all(args):
     """Run every missing (method, views, seed, category) demo, args.jobs at a time; return failures."""
-    write_eval_scenes(args.categories)
-    jobs = []
-    for views, seed, method, category in product(args.views, args.seeds, METHODS, args.categories):
+    write_eval_scenes(args.categories, args.jobs)
+    jobs = []  # seeds outermost: a call that stops early leaves whole seeds of every view count
+    for seed, views, method, category in product(args.seeds, args.views, METHODS, args.categories):
         directory = run_dir(args.out, method, views, seed, category)
         todo = missing_scenes(directory, category, args.scenes, views)
         if todo:

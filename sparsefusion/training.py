@@ -176,10 +176,15 @@ def flat_fields(data, prefix=""):
 
 
 def changed_fields(stored, config):
-    """Return [(dotted name, stored value, config's value)] of the fields that differ; [] without a stored config."""
+    """Return [(dotted name, stored value, config's value)] of the fields that differ; [] without a stored config.
+
+    A field the stored config lacks was added after the run was saved, with the behaviour it had as its
+    default: it counts as the default.
+    """
     if not isinstance(stored, dict):
         return []
-    before, now = flat_fields(stored), flat_fields(asdict(config))
+    now = flat_fields(asdict(config))
+    before = {**flat_fields(asdict(type(config)())), **flat_fields(stored)}
     return [(name, before.get(name), now.get(name)) for name in sorted(set(before) | set(now))
             if before.get(name) != now.get(name)]
 

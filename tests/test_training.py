@@ -14,7 +14,7 @@ import torch
 
 from sparsefusion.external.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from sparsefusion.cameras import PerspectiveCameras
-from sparsefusion.checkpoint import load_file
+from sparsefusion.checkpoint import load_file, save_atomic
 from sparsefusion.data.synthetic import generate_dataset
 from sparsefusion.distributed import Rank, launch
 from sparsefusion.eft import load_eft
@@ -557,6 +557,19 @@ def test_resuming_refuses_settings_that_define_the_run_and_applies_a_new_learnin
     resumed.train()  # StepLR halves the new rate at step 2 as if it had been used from the start
     assert resumed.objective.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-4)
     assert "lr: 0.001" in (exp / "config.yaml").read_text()
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(small_config, tmp_path):
+    exp = tmp_path / "older"
+    Trainer(small_config("iterations=1", "save_itr=1", exp_dir=exp), single_rank()).train()
+    for name in ("ckpt_latest.pt", "ckpt_latest_eft.pt"):  # as train.py wrote them before resize_mode existed
+        contents = torch.load(exp / name, weights_only=False)
+        if "train_config" in contents:
+            del contents["train_config"]["resize_mode"]
+            save_atomic(contents, exp / name)
+    assert Trainer(small_config("iterations=2", exp_dir=exp), single_rank()).step == 1
+    with pytest.raises(UserError, match=r"other settings: resize_mode='upstream' \(asked: 'exact'\)"):
+        Trainer(small_config("iterations=2", "resize_mode=exact", exp_dir=exp), single_rank())
 
 
 def test_every_bad_setting_is_named_at_once(tmp_path):

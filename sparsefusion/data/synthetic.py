@@ -377,7 +377,9 @@ def _map(function, items, workers):
         yield from map(function, items)
         return
     import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # One intra-op thread per process: the processes fill the cores, and each with the machine's thread
+    # count (16 on the device) oversubscribes it many times over.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         yield from pool.imap(function, items)
 
 
