@@ -99,15 +99,18 @@ def scene_values(out, method, views, seed, category, scenes):
 
 
 def table(args):
-    """Return {views: {row: {metric: {'mean', 'std', 'seeds', 'scenes'}}}}: over seeds, of means over scenes."""
+    """Return {views: {row: {metric: {'mean', 'std', 'seeds', 'scenes'}}}}: over seeds, of means over scenes.
+
+    'scenes' lists each seed's scene count: a table filled over several calls may not have them all yet.
+    """
     pooled = defaultdict(list)  # (views, row, metric, seed) -> values of every scene of every category
     for views, seed, method, category in product(args.views, args.seeds, METHODS, args.categories):
         for row, metric, value in scene_values(args.out, method, views, seed, category, args.scenes):
             pooled[views, row, metric, seed].append(value)
-    per_seed, scenes = defaultdict(list), {}  # (views, row, metric) -> [mean over scenes, one per seed]
+    per_seed, scenes = defaultdict(list), defaultdict(list)  # (views, row, metric) -> one entry per seed
     for (views, row, metric, _), values in pooled.items():
         per_seed[views, row, metric].append(float(np.mean(values)))
-        scenes[views, row, metric] = len(values)
+        scenes[views, row, metric].append(len(values))
     result = {}
     for (views, row, metric), means in per_seed.items():
         result.setdefault(views, {}).setdefault(row, {})[metric] = {
@@ -119,12 +122,14 @@ def table(args):
 def markdown(result):
     lines = []
     for views, rows in result.items():
-        lines += [f"**{views} input views**", "", "| | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|"]
+        lines += [f"**{views} input views**", "", "| | PSNR ↑ | SSIM ↑ | LPIPS ↓ | scenes per seed |",
+                  "|---|---|---|---|---|"]
         for row, title in ROWS:
             if row in rows:
                 cells = [f"{rows[row][m]['mean']:.{2 if m == 'psnr' else 3}f} ± {rows[row][m]['std']:.{2 if m == 'psnr' else 3}f}"
                          if m in rows[row] else "n/a" for m in METRICS]
-                lines.append(f"| {title} | " + " | ".join(cells) + " |")
+                counts = ", ".join(map(str, next(iter(rows[row].values()))["scenes"]))
+                lines.append(f"| {title} | " + " | ".join(cells) + f" | {counts} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -68,6 +68,8 @@ class DemoConfig:
     eft_mode: str = "upstream"           # EFT BatchNorm batch statistics + dropout as upstream, or 'eval'
     high_noise: str = "upstream"         # guidance noise levels ≥ 0.99: PLMS from t = 1 on the clean latent, as
                                          # upstream, or 'noised': from the noised one (docs/vldm.md)
+    plms_steps: int = 0                  # PLMS steps from t = 1 (the guidance runs t·2× that, at most all);
+                                         # 0 = the VLDM checkpoint's (upstream's: 50)
     gpus: int = 1                        # processes, one GPU each (-g)
     port: int = 1                        # last digit of the DDP port 1234p (-p)
 
@@ -121,7 +123,7 @@ def demo_config_problems(config):
     problems += [f"{flag} must be at least 1, got {value}" for flag, value in at_least_one.items() if value < 1]
     problems += [f"{flag} must be 0 or more, got {value}" for flag, value in
                  (("--upsample_steps", render.upsample_steps), ("--circle_cameras", distill.circle_cameras),
-                  ("--image_size", config.image_size)) if value < 0]
+                  ("--image_size", config.image_size), ("plms_steps", config.plms_steps)) if value < 0]
     if not 0 < distill.noise_level_scale <= 1:
         problems.append(f"distill.noise_level_scale must be in (0, 1], got {distill.noise_level_scale}; "
                         "e.g. distill.noise_level_scale=1 (upstream's noise levels)")

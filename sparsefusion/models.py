@@ -132,7 +132,8 @@ def load_checkpoints(category, config, device):
     paths = checkpoint_paths(category, config)
     eft = _load(load_eft, paths["eft"]).to(device)
     vldm = _load(VLDM.from_checkpoint, paths["vldm"]).to(device).eval()
-    vldm.config = replace(vldm.config, high_noise=config.high_noise)  # a sampling choice, not the architecture
+    vldm.config = replace(vldm.config, high_noise=config.high_noise,  # sampling choices, not the architecture
+                          plms_steps=config.plms_steps or vldm.config.plms_steps)
     # fp32: bf16 is no faster at batch 1 (docs/vae.md)
     codec = _load(lambda path: load_latent_codec(path, device=device), paths["vae"])
     models = Models(eft=eft, codec=codec, vldm=vldm)

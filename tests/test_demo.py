@@ -204,6 +204,21 @@ def test_each_upstream_quirks_fix_is_reachable_from_the_command_line(setup):
         demo.config_from_args(demo.parse_args(flags(setup, "high_noise=loud")))
 
 
+def test_plms_steps_sets_the_guidance_step_count_and_zero_keeps_the_checkpoints(setup):
+    from sparsefusion.models import load_models
+
+    stored = load_models("hydrant", demo.config_from_args(demo.parse_args(flags(setup))), "cpu").vldm
+    models = load_models("hydrant", demo.config_from_args(demo.parse_args(flags(setup, "plms_steps=20"))), "cpu")
+    assert stored.config.plms_steps == 50 and models.vldm.config.plms_steps == 20
+    calls = []
+    latents = torch.zeros(1, 4, models.vldm.config.image_size, models.vldm.config.image_size)
+    features = torch.zeros(1, models.vldm.config.unet.cond_images_channels, *latents.shape[-2:])
+    models.vldm.denoise(latents, features, 0.25, model=lambda x, *rest: calls.append(x) or torch.zeros_like(x))
+    assert len(calls) == int(0.25 * 2 * 20) + 1  # truncated steps, one model call each, the first two
+    with pytest.raises(UserError, match="plms_steps must be 0 or more, got -1"):
+        demo.config_from_args(demo.parse_args(flags(setup, "plms_steps=-1")))
+
+
 @pytest.mark.parametrize("scale", ["0", "1.5"])
 def test_a_noise_level_scale_outside_zero_to_one_is_refused_naming_upstreams(setup, scale):
     with pytest.raises(UserError, match=r"distill.noise_level_scale must be in \(0, 1\], got .*=1 \(upstream"):

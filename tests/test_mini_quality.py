@@ -32,11 +32,11 @@ def test_the_table_is_the_mean_and_spread_over_seeds_of_means_over_scenes(tmp_pa
         write_metrics(tmp_path, "inputs_only", 2, seed, "vase", 0, b / 2)
     args = Namespace(out=tmp_path, views=[2], seeds=[0, 1], categories=["hydrant", "vase"], scenes=1)
     rows = mini_quality.table(args)[2]
-    assert rows["sparsefusion"]["psnr"] == {"mean": 25.0, "std": 10.0, "seeds": 2, "scenes": 2}
+    assert rows["sparsefusion"]["psnr"] == {"mean": 25.0, "std": 10.0, "seeds": 2, "scenes": [2, 2]}
     assert rows["inputs_only"]["psnr"]["mean"] == 12.5 and rows["eft"]["psnr"]["mean"] == 24.0
     assert rows["sparsefusion"]["ssim"]["mean"] == pytest.approx(0.25)
     assert "lpips" not in rows["sparsefusion"] and rows["eft"]["lpips"]["mean"] == pytest.approx(0.2)
-    assert "(c) distilled NeRF (the method) | 25.00 ± 10.00 | 0.250 ± 0.100 | n/a |" in mini_quality.markdown(
+    assert "(c) distilled NeRF (the method) | 25.00 ± 10.00 | 0.250 ± 0.100 | n/a | 2, 2 |" in mini_quality.markdown(
         mini_quality.table(args))
 
 
