@@ -178,6 +178,11 @@ def scene_problems(config, category, dataset, indices):
         if chosen is None and config.input_views > n_views:
             problems.append(f"-v/--input_views {config.input_views} is more than the {n_views} views of "
                             f"{category} scene {index}; e.g. -v {min(2, n_views)}")
+        n_cached = n_views + config.distill.circle_cameras
+        if config.distill.views_per_step > n_cached:
+            problems.append(f"distill.views_per_step {config.distill.views_per_step} is more than the {n_cached} "
+                            f"cached cameras of {category} scene {index} ({n_views} views + distill.circle_cameras); "
+                            f"e.g. distill.views_per_step={n_cached}")
         problems += [f"{category} scene {index} ({scene.sequence_name}): {what} (views {views}); fix its annotations"
                      for what, views in unusable_cameras(scene.cameras).items()]
         if not bool(scene.images.isfinite().all()):

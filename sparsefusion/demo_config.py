@@ -127,6 +127,9 @@ def demo_config_problems(config):
     if not 0 < distill.noise_level_scale <= 1:
         problems.append(f"distill.noise_level_scale must be in (0, 1], got {distill.noise_level_scale}; "
                         "e.g. distill.noise_level_scale=1 (upstream's noise levels)")
+    if distill.views_per_step < 1:
+        problems.append(f"distill.views_per_step must be at least 1, got {distill.views_per_step}; "
+                        "e.g. distill.views_per_step=1 (upstream's one camera per fusion step)")
     if config.image_size > 0 and distill.train_rays >= 1 and config.image_size % distill.train_rays:
         problems.append(train_rays_problem(distill.train_rays, config.image_size, "--image_size"))
     problems += problems_of(lambda: parse_index_list(config.input_index, "input_index", "0,4"),

@@ -9,10 +9,11 @@ SparseFusion §3.3 (view-conditioned diffusion distillation), as upstream's spar
 3. each iteration:
    a. context step — render a random input view at 128² rays; Huber colour + Huber silhouette
       + opacity regulariser; Adam step; scheduler step;
-   b. fusion step — render a random cached camera, upsample ×2 to 256²;
-      up to iteration fusion_start: Huber to the EFT image and to its thresholded mean (the
-      bootstrap); after: the diffusion guidance (sparsefusion/guidance.py: (1 − ᾱ)·L1 to a VLDM
-      denoising of the render, plus LPIPS(vgg)·0.1 from perceptual_start); opacity regulariser; Adam step.
+   b. fusion step — render views_per_step random cached cameras (upstream: 1), upsample ×2 to 256²;
+      up to iteration fusion_start: Huber to the EFT images and to their thresholded means (the
+      bootstrap); after: the diffusion guidance (sparsefusion/guidance.py: (1 − ᾱ)·L1 to VLDM
+      denoisings of the renders, plus LPIPS(vgg)·0.1 from perceptual_start); opacity regulariser; every
+      term a mean over the views; Adam step.
 
 Randomness: every draw of a scene follows from one seed (reconstruct.py: --seed + scene index): view
 choices and noise levels from a CPU generator, ray jitter and PLMS noise from a device generator,
@@ -54,6 +55,9 @@ class DistillConfig:
     lr_step: int = 3000                # StepLR step size, counted in context steps
     lr_gamma: float = 0.2              # StepLR decay
     fusion_start: int = 1000           # diffusion distillation from the iteration after this one
+    views_per_step: int = 1            # cached cameras per fusion step (upstream: 1): one NeRF render call, one
+                                       # guidance call at one noise level, losses the means over them; iterations
+                                       # and fusion_start are not scaled by it (docs/demo.md)
     perceptual_start: int = 1000       # LPIPS term from this iteration on
     perceptual_weight: float = 0.1     # weight of the LPIPS(vgg) term
     noise_level_scale: float = 1.0     # guidance noise levels t = min(u · scale, 0.99), u ~ U[0, 1) (upstream: 1);
@@ -148,6 +152,10 @@ class Distillation:
         self.generator = torch.Generator().manual_seed(seed)
         self.device_generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cameras = scene_cameras(cameras, cfg, self.generator)
+        n_cached = len(self.cameras.augmented)
+        if not 1 <= cfg.views_per_step <= n_cached:
+            raise ValueError(f"DistillConfig.views_per_step must be in 1..{n_cached} (the cached cameras), "
+                             f"got {cfg.views_per_step}")
         self.near, self.far = depth_range(cameras, cfg.features.depth_margin)
         with global_rng_seeded(seed, self.device):
             self.nerf = NeRFNetwork(cfg.nerf).to(self.device).train()
@@ -156,27 +164,36 @@ class Distillation:
         self.bootstrap_masks = (self.cache.eft_images.mean(dim=1, keepdim=True) > cfg.bootstrap_threshold).float()
         self.optimizer = torch.optim.Adam(self.nerf.get_params(cfg.lr), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
-        self.train_rays = [nerf_rays(self.cameras.augmented[i], cfg.train_rays, cfg.image_size)
-                           for i in range(len(self.cameras.augmented))]
+        # Per camera, then stacked: a batched computation could differ in the last bits on CUDA.
+        rays = [nerf_rays(self.cameras.augmented[i], cfg.train_rays, cfg.image_size) for i in range(n_cached)]
+        self.train_rays = tuple(torch.cat(parts) for parts in zip(*rays))  # (rays_o, rays_d), each (V, n², 3)
         self.guidance = guidance or DiffusionGuidance(models, cfg.perceptual_weight, cfg.precision,
                                                       self.generator, self.device_generator, cfg.noise_level_scale)
 
-    def render_train(self, view):
-        """Return (images (1, 3, s, s), silhouettes (1, 1, s, s)) of augmented camera view at s = train_rays."""
-        rays_o, rays_d = self.train_rays[view]
+    def render_train(self, *views):
+        """Return (images (K, 3, s, s), silhouettes (K, 1, s, s)) of K augmented cameras at s = train_rays.
+
+        The K cameras' rays go through the NeRF in one call.
+        """
+        rays_o, rays_d = (rays[list(views)] for rays in self.train_rays)
         out = self.nerf.render(rays_o, rays_d, config=self.config.nerf_render, perturb=True, bg_color=0.0,
                                generator=self.device_generator)
         side = self.config.train_rays
-        return (out["image"].reshape(1, side, side, 3).permute(0, 3, 1, 2),
-                out["weights_sum"].reshape(1, 1, side, side))
+        return (out["image"].reshape(-1, side, side, 3).permute(0, 3, 1, 2),
+                out["weights_sum"].reshape(-1, 1, side, side))
 
     def context_view(self):
         """Return the input view of a context step: the first of a permutation of the input views, as upstream."""
         return int(self.input_index[torch.randperm(len(self.input_index), generator=self.generator)[0]])
 
-    def fusion_view(self):
-        """Return the cached camera of a fusion step: the second of a permutation of them, as upstream."""
-        return int(torch.randperm(len(self.cache.query_index), generator=self.generator)[1])
+    def fusion_views(self):
+        """Return the views_per_step cached cameras of a fusion step, a list of distinct ints.
+
+        Upstream takes the second entry of a permutation of the cached cameras; K cameras are the K entries
+        from the second on, wrapping round to the first, so K = 1 is upstream's draw.
+        """
+        order = torch.randperm(len(self.cache.query_index), generator=self.generator)
+        return order.roll(-1)[:self.config.views_per_step].tolist()
 
     def context_terms(self):
         """Return the context step's loss terms {'color', 'silhouette', 'opacity', 'total'} on a random input view."""
@@ -193,26 +210,25 @@ class Distillation:
         return terms
 
     def fusion_terms(self, iteration):
-        """Return the fusion step's loss terms on a random cached camera.
+        """Return the fusion step's loss terms on views_per_step random cached cameras, each a mean over them.
 
         'fusion' is upstream's fusion loss: up to fusion_start the bootstrap ('bootstrap_color' +
-        'bootstrap_silhouette', Huber to the EFT image and its mask), after it the guidance's total
-        ('diffusion_l1', 'diffusion_perceptual' from perceptual_start); 'opacity' the regulariser;
-        'total' = fusion + opacity_weight·opacity.
+        'bootstrap_silhouette', Huber to the EFT images and their masks), after it the guidance's total
+        ('diffusion_l1', 'diffusion_perceptual' from perceptual_start; one guidance call for all the
+        renders); 'opacity' the regulariser; 'total' = fusion + opacity_weight·opacity.
         """
         cfg = self.config
-        slot = self.fusion_view()
-        images, silhouettes = self.render_train(slot)
+        slots = self.fusion_views()
+        images, silhouettes = self.render_train(*slots)
         scale = cfg.image_size / cfg.train_rays
         images = F.interpolate(images, scale_factor=scale, mode="bilinear")
         silhouettes = F.interpolate(silhouettes, scale_factor=scale, mode="bilinear")
         if iteration > cfg.fusion_start:
-            guided = self.guidance.loss(images, self.cache.features[slot:slot + 1],
-                                        perceptual=iteration >= cfg.perceptual_start)
+            guided = self.guidance.loss(images, self.cache.features[slots], perceptual=iteration >= cfg.perceptual_start)
             terms = {"fusion": guided.pop("total"), **{f"diffusion_{name}": term for name, term in guided.items()}}
         else:
-            terms = {"bootstrap_color": mean_huber(images, self.cache.eft_images[slot:slot + 1]),
-                     "bootstrap_silhouette": mean_huber(silhouettes, self.bootstrap_masks[slot:slot + 1])}
+            terms = {"bootstrap_color": mean_huber(images, self.cache.eft_images[slots]),
+                     "bootstrap_silhouette": mean_huber(silhouettes, self.bootstrap_masks[slots])}
             terms["fusion"] = (cfg.color_weight * terms["bootstrap_color"]
                                + cfg.silhouette_weight * terms["bootstrap_silhouette"])
         terms["opacity"] = opacity_term(silhouettes)
