@@ -117,6 +117,8 @@ def test_metrics_agree_with_the_saved_frames(run):
     (["-i", "0,x"], "-i/--idx '0,x' is invalid"),
     (["-i", "4"], "-i/--idx 4 is out of range: hydrant has 2 scenes"),
     (["-v", "99"], "-v/--input_views 99 is more than the"),
+    (["distill.views_per_step=99"], "distill.views_per_step 99 is more than the 82 cached cameras of hydrant scene 0 "
+                                    "(32 views + distill.circle_cameras); e.g. distill.views_per_step=82"),
     (["-c", "hydrantt", "-d", "co3d"], "unknown category 'hydrantt'"),
     (["-e", "missing/eft.pt"], "EFT checkpoint not found at missing/eft.pt; get it from the SparseFusion weights"),
     (["-r", "nowhere"], "no synthetic data for ['hydrant'] under nowhere; generate it first"),
@@ -223,6 +225,11 @@ def test_plms_steps_sets_the_guidance_step_count_and_zero_keeps_the_checkpoints(
 def test_a_noise_level_scale_outside_zero_to_one_is_refused_naming_upstreams(setup, scale):
     with pytest.raises(UserError, match=r"distill.noise_level_scale must be in \(0, 1\], got .*=1 \(upstream"):
         demo.config_from_args(demo.parse_args(flags(setup, f"distill.noise_level_scale={scale}")))
+
+
+def test_no_views_per_step_is_refused_naming_upstreams():
+    with pytest.raises(UserError, match=r"^distill.views_per_step must be at least 1, got 0; .*=1 \(upstream's"):
+        demo.config_from_args(demo.parse_args(flags(Path("."), "distill.views_per_step=0")))
 
 
 def test_help_lists_every_field_with_its_default():

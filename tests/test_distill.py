@@ -1,6 +1,7 @@
 """The distillation loop and its diffusion guidance, with small recording fakes for the frozen models."""
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +13,11 @@ from sparsefusion.external.imagen_unet import UnetConfig
 from sparsefusion.external.nerf_network import NeRFConfig
 from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.data.synthetic import render_synthetic_scene
-from sparsefusion.distill import DistillConfig, Distillation, History, run_distillation
+from sparsefusion.distill import DistillConfig, Distillation, History, nerf_rays, run_distillation
 from sparsefusion.eft import EFTConfig, EpipolarFeatureTransformer
 from sparsefusion.eft_render import FeatureRenderConfig
 from sparsefusion.guidance import DiffusionGuidance
+from sparsefusion.losses import mean_huber, opacity_term
 from sparsefusion.models import Models
 from sparsefusion.vae import LatentCodec
 from sparsefusion.vldm import VLDM, VLDMConfig
@@ -178,6 +180,97 @@ def test_views_and_noise_levels_follow_upstreams_draws(scene, scale):
     fusion_views = expected_views[1::2][config.fusion_start + 1:]
     for call, view in zip(calls, fusion_views):
         assert torch.equal(call["cond"], d.cache.features[view:view + 1])
+
+
+class SingleCameraFusion(Distillation):
+    """The reference for views_per_step = 1: upstream's fusion step written out for one camera, from the NeRF's
+    own ray grid and render call."""
+
+    def fusion_terms(self, iteration):
+        cfg, side = self.config, self.config.train_rays
+        slot = int(torch.randperm(len(self.cache.query_index), generator=self.generator)[1])
+        rays_o, rays_d = nerf_rays(self.cameras.augmented[slot], side, cfg.image_size)
+        out = self.nerf.render(rays_o, rays_d, config=cfg.nerf_render, perturb=True, bg_color=0.0,
+                               generator=self.device_generator)
+        scale = cfg.image_size / side
+        image = F.interpolate(out["image"].reshape(1, side, side, 3).permute(0, 3, 1, 2), scale_factor=scale,
+                              mode="bilinear")
+        silhouette = F.interpolate(out["weights_sum"].reshape(1, 1, side, side), scale_factor=scale, mode="bilinear")
+        if iteration > cfg.fusion_start:
+            guided = self.guidance.loss(image, self.cache.features[slot:slot + 1],
+                                        perceptual=iteration >= cfg.perceptual_start)
+            terms = {"fusion": guided.pop("total"), **{f"diffusion_{name}": term for name, term in guided.items()}}
+        else:
+            terms = {"bootstrap_color": mean_huber(image, self.cache.eft_images[slot:slot + 1]),
+                     "bootstrap_silhouette": mean_huber(silhouette, self.bootstrap_masks[slot:slot + 1])}
+            terms["fusion"] = terms["bootstrap_color"] + terms["bootstrap_silhouette"]
+        terms["opacity"] = opacity_term(silhouette)
+        terms["total"] = terms["fusion"] + cfg.opacity_weight * terms["opacity"]
+        return terms
+
+
+def test_one_view_per_step_is_upstreams_single_camera_step_bit_for_bit(scene):
+    models = fake_models(lpips=SquaredLPIPS())
+    config = small_config(iterations=5, fusion_start=1, perceptual_start=3)  # views_per_step left at its default
+    reference = SingleCameraFusion(models, scene.cameras, scene.images, scene.masks, INPUTS, config, seed=3)
+    expected, _ = run_distillation(reference)
+    history, _ = run_distillation(distillation(scene, models, replace(config, views_per_step=1), seed=3))
+    assert "diffusion_perceptual" in history.rows[-1]
+    assert history.rows == expected.rows
+
+
+def test_a_fusion_step_with_k_views_denoises_k_distinct_cameras_in_one_call_and_averages_their_losses(scene):
+    """Per fusion step, bootstrap ones too: one render of K distinct cached cameras, the K entries of a fresh
+    permutation from its second on; after fusion_start one call of the guidance's targets with the K renders
+    and their cameras' features at one noise level; every loss term the mean of the K views' terms."""
+    views, seed = 3, 4
+    models = fake_models(lpips=SquaredLPIPS())
+    config = small_config(iterations=5, fusion_start=1, perceptual_start=1, views_per_step=views)
+    d = distillation(scene, models, config, seed=seed)
+    renders, calls = [], []
+    render_train, targets = d.render_train, d.guidance.targets
+    d.render_train = lambda *chosen: renders.append((chosen, *render_train(*chosen))) or renders[-1][1:]
+    d.guidance.targets = lambda *args: calls.append((*args, targets(*args))) or calls[-1][-1]
+    history, _ = run_distillation(d)
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.rand(config.circle_cameras, generator=generator)  # the circle cameras' jitter
+    n_cached = len(scene) + config.circle_cameras
+    expected_views = []
+    for iteration in range(config.iterations):
+        torch.randperm(len(INPUTS), generator=generator)  # the context view
+        expected_views.append(torch.randperm(n_cached, generator=generator).roll(-1)[:views].tolist())
+        if iteration > config.fusion_start:
+            torch.rand(1, generator=generator)  # the noise level
+    fusion = renders[1::2]
+    assert [list(chosen) for chosen, _, _ in fusion] == expected_views
+    assert all(len(set(chosen)) == views for chosen, _, _ in fusion)
+
+    def upsampled(images):
+        return F.interpolate(images, scale_factor=SIZE / config.train_rays, mode="bilinear")
+
+    for (chosen, images, silhouettes), row in zip(fusion[:config.fusion_start + 1], history.rows):
+        slots = list(chosen)
+        color = [mean_huber(image, target) for image, target in zip(upsampled(images), d.cache.eft_images[slots])]
+        assert row["bootstrap_color"] == pytest.approx(torch.stack(color).mean().item(), rel=1e-5)
+        assert row["fusion_opacity"] == pytest.approx(opacity_term(upsampled(silhouettes)).item(), rel=1e-5)
+
+    assert len(calls) == config.iterations - config.fusion_start - 1  # one targets call per guided step
+    guided = zip(fusion[config.fusion_start + 1:], calls, history.rows[config.fusion_start + 1:])
+    for (chosen, images, _), (renders_in, features, _, target), row in guided:
+        assert renders_in.shape == (views, 3, SIZE, SIZE) and torch.equal(renders_in, upsampled(images))
+        assert torch.equal(features, d.cache.features[list(chosen)])
+        errors = (renders_in - target.images).flatten(1)
+        l1 = target.weights * errors.abs().mean(dim=1)  # (K,) each view's (1 − ᾱ)·L1
+        perceptual = 4 * (errors ** 2).mean(dim=1)      # (K,) SquaredLPIPS of each view (LPIPS sees 2x − 1)
+        assert row["diffusion_l1"] == pytest.approx(l1.mean().item(), rel=1e-5)
+        assert row["diffusion_perceptual"] == pytest.approx(perceptual.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("views", [0, 10])  # the test scene has 9 cached cameras: 6 views, 3 on the circle
+def test_more_views_per_step_than_cached_cameras_or_none_is_refused(scene, views):
+    with pytest.raises(ValueError, match=r"views_per_step must be in 1\.\.9 \(the cached cameras\), got"):
+        distillation(scene, fake_models(), small_config(views_per_step=views))
 
 
 def test_no_gradient_reaches_the_frozen_models(scene):
