@@ -171,7 +171,7 @@ class Distillation:
                                                       self.generator, self.device_generator, cfg.noise_level_scale)
 
     def render_train(self, *views):
-        """Return (images (K, 3, s, s), silhouettes (K, 1, s, s)) of K augmented cameras at s = train_rays.
+        """Return (images (K, 3, s, s), silhouettes (K, 1, s, s)) of augmented cameras views (K ints), s = train_rays.
 
         The K cameras' rays go through the NeRF in one call.
         """
