@@ -9,8 +9,8 @@
 export SPARSEFUSION_VGG16=$PWD/.carry/vgg/vgg16_features_fp16.pth
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
-(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > output/gpu_use.csv 2>&1 &)
 mkdir -p output/quick_start
+(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 5 > output/gpu_use.csv 2>&1 &)
 if [ ! -f output/quick_start/summary.json ]; then
   quick=$(date +%s%N)
   python3 demo.py --mini -o output/quick_start > output/quick_start/demo.log 2>&1
