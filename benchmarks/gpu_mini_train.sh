@@ -2,9 +2,10 @@
 # One GPU call of the mini recipe (docs/mini.md): the training and held-out data when missing (traced
 # by 15 processes), stage 1 (the VAE) for VAE_BUDGET_S seconds when VAE_STEPS > 0, scored on held-out
 # scenes and exported, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds after the start,
-# resuming the checkpoints carried in (output/mini/{vae,joint}); JOINT_ARGS adds train.py overrides
-# (e.g. init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt for a first run on a new
-# VAE). The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to
+# resuming the checkpoints carried in ($VAE_DIR, $JOINT_DIR: default output/mini/{vae,joint});
+# VAE_ARGS and JOINT_ARGS add train.py overrides (e.g. perceptual_weight=1.0 for the VAE, with
+# .carry/vgg carried for its LPIPS; init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt
+# for a first stage 2 on a new VAE). The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to
 # $OUT. Export them afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
 #   VAE_STEPS=100000 VAE_BUDGET_S=240 JOINT_STEPS=100000 END_S=520 bash benchmarks/gpu_mini_train.sh
 # Keep END_S some 60 s under the call's limit: stopping, saving and copying take that long there, and
@@ -13,6 +14,9 @@
 set -o pipefail
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
+VAE_DIR=${VAE_DIR:-output/mini/vae}; JOINT_DIR=${JOINT_DIR:-output/mini/joint}
+vgg=.carry/vgg/vgg16_features_fp16.pth
+[ -f $vgg ] && export SPARSEFUSION_VGG16=$PWD/$vgg  # LPIPS weights the machine cannot download
 categories="hydrant teddybear suitcase vase"
 if [ ! -f data/mini/train/vase/frame_annotations.jgz ]; then
   python3 -m sparsefusion.data.synthetic --root data/mini/train --categories $categories \
@@ -27,21 +31,21 @@ fi
 echo "== data ready at $(elapsed) s"
 if [ "${VAE_STEPS:-0}" -gt 0 ]; then
   timeout -s TERM -k 30 "$VAE_BUDGET_S" python3 train.py --config configs/mini_train.yaml stage=vae \
-    iterations=$VAE_STEPS > $OUT/vae.log 2>&1
+    iterations=$VAE_STEPS exp_dir=$VAE_DIR $VAE_ARGS > $OUT/vae.log 2>&1
   echo "== vae rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/vae.log | grep -v '^\s*$' | tail -2
-  python3 benchmarks/eval_vae.py --vae output/mini/vae/ckpt_latest_vae.pt --categories $categories \
+  python3 benchmarks/eval_vae.py --vae $VAE_DIR/ckpt_latest_vae.pt --categories $categories \
     --out $OUT/vae_heldout | tail -1
-  python3 -m sparsefusion.export --vae output/mini/vae/ckpt_latest_vae.pt --out checkpoints/mini | tail -1 || exit 1
-  cp output/mini/vae/ckpt_latest_vae.pt $OUT/
+  python3 -m sparsefusion.export --vae $VAE_DIR/ckpt_latest_vae.pt --out checkpoints/mini | tail -1 || exit 1
+  cp $VAE_DIR/ckpt_latest_vae.pt $OUT/
 fi
 if [ "${JOINT_STEPS:-0}" -gt 0 ]; then
   budget=$(( END_S - $(elapsed) ))
   echo "== joint: $budget s"
   timeout -s TERM -k 30 "$budget" python3 train.py --config configs/mini_train.yaml stage=joint \
-    iterations=$JOINT_STEPS $JOINT_ARGS > $OUT/joint.log 2>&1
+    iterations=$JOINT_STEPS exp_dir=$JOINT_DIR $JOINT_ARGS > $OUT/joint.log 2>&1
   echo "== joint rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/joint.log | grep -v '^\s*$' | tail -3
-  split -b 15M output/mini/joint/ckpt_latest.pt $OUT/ckpt_latest.pt.part.
-  cp output/mini/joint/ckpt_latest_eft.pt $OUT/
+  split -b 15M $JOINT_DIR/ckpt_latest.pt $OUT/ckpt_latest.pt.part.
+  cp $JOINT_DIR/ckpt_latest_eft.pt $OUT/
 fi
-tar cf $OUT/logs.tar output/mini/*/log output/mini/*/config.yaml 2>/dev/null
+tar cf $OUT/logs.tar $VAE_DIR/log $VAE_DIR/config.yaml $JOINT_DIR/log $JOINT_DIR/config.yaml 2>/dev/null
 echo "== done at $(elapsed) s"; ls -la $OUT
