@@ -24,13 +24,6 @@ from sparsefusion.vae import load_latent_codec
 PICTURE_IMAGES = 6  # images of each category in the picture
 
 
-@torch.no_grad()
-def reconstruct(codec, images, device, batch=32):
-    """Return decode(encode(images)) in [0, 1], (N, 3, H, W) on the CPU, of images (N, 3, H, W) in [0, 1]."""
-    parts = [codec.decode_latents(codec.encode_images(part.to(device))).clamp(0, 1).cpu() for part in images.split(batch)]
-    return torch.cat(parts)
-
-
 def evaluate(args):
     device = torch.device(args.device)
     codec = load_latent_codec(args.vae, device=device)
@@ -42,7 +35,7 @@ def evaluate(args):
         frames = []
         for index in range(min(args.scenes, len(dataset))):
             images = dataset[index].images
-            recon = reconstruct(codec, images, device)
+            recon = codec.reconstruct(images.to(device)).cpu()
             frames += scene_metrics(recon, images, lpips_model)["frames"]
             if index == 0:
                 panels += [image.permute(1, 2, 0).numpy() for image in images[:PICTURE_IMAGES]]

@@ -31,13 +31,6 @@ def at_resolution(images, side):
     return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-@torch.no_grad()
-def through_vae(codec, images, batch=16):
-    """images (B, 3, S, S) encoded and decoded by the latent codec."""
-    return torch.cat([codec.decode_latents(codec.encode_images(images[i:i + batch])).clamp(0, 1)
-                      for i in range(0, len(images), batch)])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="writes {out}.json")
@@ -55,7 +48,7 @@ def main():
         for index in range(args.scenes):
             truth = dataset[index].images
             candidates = {"train_resolution": at_resolution(truth, sized.distill.train_rays),
-                          "vae": through_vae(models.codec, truth)}
+                          "vae": models.codec.reconstruct(truth)}
             for name, images in candidates.items():
                 frames[name] += scene_metrics(images, truth, models.lpips)["frames"]
         result[category] = {name: frame_means(values) for name, values in frames.items()}

@@ -20,25 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 from sparsefusion.demo_config import with_image_size  # noqa: E402
 from sparsefusion.distill import Distillation  # noqa: E402
-from sparsefusion.metrics import psnr  # noqa: E402
+from sparsefusion.metrics import scene_metrics  # noqa: E402
 from sparsefusion.models import load_models  # noqa: E402
 from sparsefusion.outputs import write_json  # noqa: E402
-from sparsefusion.schedule import cosine_log_snr  # noqa: E402
+from sparsefusion.schedule import cosine_log_snr, predict_start_from_noise  # noqa: E402
 
 NOISE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
 def mean_psnr(images, truth):
-    """Mean PSNR of images (B, 3, H, W) in [0, 1] (clamped) against truth."""
-    pairs = zip(images.clamp(0, 1), truth)
-    return sum(psnr(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy()) for a, b in pairs) / len(truth)
-
-
-def one_step_x0(noisy, eps, log_snr):
-    """x̂₀ = (x_t − σ ε̂)/α of latents noisy (B, C, h, w) with predicted noise eps at log-SNR log_snr (B,)."""
-    alpha = torch.sigmoid(log_snr).sqrt()[:, None, None, None]
-    sigma = torch.sigmoid(-log_snr).sqrt()[:, None, None, None]
-    return (noisy - sigma * eps) / alpha
+    """Mean PSNR of images (B, 3, H, W) in [0, 1] against truth."""
+    return scene_metrics(images.clamp(0, 1), truth)["psnr"]
 
 
 @torch.no_grad()
@@ -50,7 +42,7 @@ def denoising_table(models, features, truth, generator):
         denoised, noisy, noise, alpha_bar = models.vldm.denoise(latents, features, t, generator=generator)
         log_snr = cosine_log_snr(torch.full((len(latents),), t))
         eps = models.vldm.unet(noisy, log_snr, features)
-        x0 = one_step_x0(noisy, eps, log_snr)
+        x0 = predict_start_from_noise(noisy, log_snr, eps)
         rows.append({"t": t, "alpha_bar": float(alpha_bar[0]),
                      "plms_psnr": mean_psnr(models.codec.decode_latents(denoised), truth),
                      "one_step_psnr": mean_psnr(models.codec.decode_latents(x0.clamp(-10, 10)), truth),
@@ -78,7 +70,7 @@ def main():
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         result = {"scene": f"{category}_{index:03d}", "inputs": inputs, "views": views.tolist(),
-                  "vae_psnr": mean_psnr(models.codec.decode_latents(models.codec.encode_images(truth)), truth),
+                  "vae_psnr": mean_psnr(models.codec.reconstruct(truth), truth),
                   "eft_psnr": mean_psnr(distillation.cache.eft_images[views], truth),
                   "levels": denoising_table(models, features, truth, generator),
                   "plms_from_noise_psnr": mean_psnr(models.codec.decode_latents(

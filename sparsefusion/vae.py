@@ -286,6 +286,11 @@ class LatentCodec(nn.Module):
             images = self.vae.decode(self._layout(latents / self.config.scale_factor))
         return ((images.float().contiguous() + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    @torch.no_grad()
+    def reconstruct(self, images, batch=32):
+        """Return decode(encode(images)), (N, 3, H, W) in [0, 1], of images (N, 3, H, W), batch at a time."""
+        return torch.cat([self.decode_latents(self.encode_images(part)) for part in images.split(batch)])
+
 
 def load_latent_codec(path=DEFAULT_VAE_PATH, device="cpu", config=None, vae_config=None):
     """Return a LatentCodec around the VAE in path (see read_vae), on device.

@@ -379,5 +379,7 @@ def test_small_vae_learns_to_reconstruct_better_than_a_blur():
     with torch.no_grad():
         codec = LatentCodec(vae, LatentCodecConfig(precision="fp32"))
         error = F.mse_loss(codec.decode_latents(codec.encode_images(images)), images)
+        assert torch.allclose(codec.reconstruct(images, batch=3), codec.decode_latents(codec.encode_images(images)),
+                              atol=1e-6)  # in batches as in one
     # The baseline keeps what a blur at the latent grid's scale (f = 2 pixels, sigma = f / 2) keeps.
     assert error < 0.25 * F.mse_loss(gaussian_blur(images, 1.0), images)
