@@ -3,7 +3,9 @@
 # it (held-out scenes written on first use), timed; then the quality table (benchmarks/mini_quality.py)
 # until END_S seconds after the start, JOBS demo processes side by side; a later call with the
 # metrics carried back in (output/mini_quality) continues it. Results and logs go to $OUT as two tars.
-#   END_S=540 JOBS=15 bash benchmarks/gpu_mini_quality.sh
+#   END_S=540 JOBS=15 MPS=1 bash benchmarks/gpu_mini_quality.sh
+# MPS=1 runs the quality demos under CUDA MPS, where the machine has it (their tiny kernels then share the
+# GPU instead of taking turns); the quick start runs without it, as a user's machine would.
 # LPIPS needs the VGG16 weights, which the machine cannot download: carry .carry/vgg (docs/mini.md).
 . benchmarks/gpu_setup.sh
 export SPARSEFUSION_VGG16=$PWD/.carry/vgg/vgg16_features_fp16.pth
@@ -15,6 +17,17 @@ if [ ! -f output/quick_start/summary.json ]; then
   quick=$(date +%s%N)
   python3 demo.py --mini -o output/quick_start > output/quick_start/demo.log 2>&1
   echo "== quick start: exit $? in $(( ($(date +%s%N) - quick) / 1000000 )) ms"
+fi
+if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda')"; then
+    echo "== MPS on"
+  else
+    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "== MPS failed, off"
+  fi
+else
+  echo "== MPS off"
 fi
 # One intra-op thread a process: the demos share the machine's cores.
 OMP_NUM_THREADS=1 timeout -s TERM -k 20 $(( END_S - $(elapsed) )) \
