@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # One GPU call of the mini recipe (docs/mini.md): the training and held-out data when missing (traced
 # by 15 processes), stage 1 (the VAE) for VAE_BUDGET_S seconds when VAE_STEPS > 0, scored on held-out
-# scenes and exported, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds after the start,
-# resuming the checkpoints carried in ($VAE_DIR, $JOINT_DIR: default output/mini/{vae,joint});
+# scenes, then stage 2 (EFT + VLDM) until JOINT_STEPS or END_S seconds after the start, resuming the
+# checkpoints carried in ($VAE_DIR, $JOINT_DIR: default output/mini/{vae,joint}).
 # VAE_ARGS and JOINT_ARGS add train.py overrides (e.g. perceptual_weight=1.0 for the VAE, with
 # .carry/vgg carried for its LPIPS; init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt
-# for a first stage 2 on a new VAE). The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to
-# $OUT. Export them afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
+# for a first stage 2 on a new VAE). VAE_RUNS trains several VAE recipes side by side instead, one
+# "dir overrides..." per line, and exports none of them (pick one on the CPU, as run 2 did).
+# The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to $OUT.
+# Export them afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
 #   VAE_STEPS=100000 VAE_BUDGET_S=240 JOINT_STEPS=100000 END_S=520 bash benchmarks/gpu_mini_train.sh
-# Keep END_S some 60 s under the call's limit: stopping, saving and copying take that long there, and
+#   VAE_STEPS=100000 VAE_BUDGET_S=300 VAE_RUNS=$'output/mini/vae_d vae_trains=decoder\noutput/mini/vae_f' \
+#     bash benchmarks/gpu_mini_train.sh
+# The VAE runs stop at END_S too. Keep END_S some 60 s under the call's limit: stopping, saving and copying take that long there, and
 # a stopped train.py can linger at exit (its DataLoader workers), hence timeout's -k.
 . benchmarks/gpu_setup.sh
 set -o pipefail
@@ -29,14 +33,21 @@ if [ ! -f data/mini/eval/vase/frame_annotations.jgz ]; then  # as demo.py --mini
     > $OUT/gen_eval.log 2>&1 || { tail -5 $OUT/gen_eval.log; exit 1; }
 fi
 echo "== data ready at $(elapsed) s"
-if [ "${VAE_STEPS:-0}" -gt 0 ]; then
-  timeout -s TERM -k 30 "$VAE_BUDGET_S" python3 train.py --config configs/mini_train.yaml stage=vae \
-    iterations=$VAE_STEPS exp_dir=$VAE_DIR $VAE_ARGS > $OUT/vae.log 2>&1
-  echo "== vae rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/vae.log | grep -v '^\s*$' | tail -2
-  python3 benchmarks/eval_vae.py --vae $VAE_DIR/ckpt_latest_vae.pt --categories $categories \
-    --out $OUT/vae_heldout | tail -1
+train_vae() {  # dir overrides...: one VAE run, scored on the held-out scenes; its checkpoint to $OUT/{name}_vae.pt
+  local dir=$1 name=$(basename $1) left=$(( ${END_S:-100000} - $(elapsed) )); shift
+  timeout -s TERM -k 30 $(( VAE_BUDGET_S < left ? VAE_BUDGET_S : left )) python3 train.py --config configs/mini_train.yaml stage=vae \
+    iterations=$VAE_STEPS exp_dir=$dir "$@" > $OUT/$name.log 2>&1
+  echo "== $name rc=$? at $(elapsed) s"; tr '\r' '\n' < $OUT/$name.log | grep -v '^\s*$' | tail -2
+  python3 benchmarks/eval_vae.py --vae $dir/ckpt_latest_vae.pt --categories $categories \
+    --out $OUT/${name}_heldout | tail -1
+  cp $dir/ckpt_latest_vae.pt $OUT/${name}_vae.pt
+}
+if [ "${VAE_STEPS:-0}" -gt 0 ] && [ -n "${VAE_RUNS:-}" ]; then
+  while read -r dir args; do train_vae $dir $args & done <<< "$VAE_RUNS"
+  wait
+elif [ "${VAE_STEPS:-0}" -gt 0 ]; then
+  train_vae $VAE_DIR $VAE_ARGS
   python3 -m sparsefusion.export --vae $VAE_DIR/ckpt_latest_vae.pt --out checkpoints/mini | tail -1 || exit 1
-  cp $VAE_DIR/ckpt_latest_vae.pt $OUT/
 fi
 if [ "${JOINT_STEPS:-0}" -gt 0 ]; then
   budget=$(( END_S - $(elapsed) ))
@@ -47,5 +58,6 @@ if [ "${JOINT_STEPS:-0}" -gt 0 ]; then
   split -b 15M $JOINT_DIR/ckpt_latest.pt $OUT/ckpt_latest.pt.part.
   cp $JOINT_DIR/ckpt_latest_eft.pt $OUT/
 fi
-tar cf $OUT/logs.tar $VAE_DIR/log $VAE_DIR/config.yaml $JOINT_DIR/log $JOINT_DIR/config.yaml 2>/dev/null
+vae_dirs=$(echo "${VAE_RUNS:-$VAE_DIR}" | while read -r dir _; do echo $dir/log $dir/config.yaml; done)
+tar cf $OUT/logs.tar $vae_dirs $JOINT_DIR/log $JOINT_DIR/config.yaml 2>/dev/null
 echo "== done at $(elapsed) s"; ls -la $OUT

@@ -69,6 +69,9 @@ def train_step(model, objective, batch, precision, device):
 # Data, checkpoints, random state
 
 
+INIT_WEIGHTS = ("init_eft", "init_vldm", "init_vae")  # TrainConfig's weights to start from
+
+
 def input_problems(config):
     """Return one line for each input file the config names that is missing or a folder: the VAE, init checkpoints."""
     problems = []
@@ -76,7 +79,7 @@ def input_problems(config):
         problem = file_problem(config.vae, "VAE checkpoint", VAE_WHERE_TO_GET)
         if problem:
             problems.append(f"{problem} (or pass -a/--vae PATH, e.g. a stage=vae run's ckpt_latest_vae.pt)")
-    for name in ("init_eft", "init_vldm"):
+    for name in INIT_WEIGHTS:
         path = getattr(config, name)
         problem = path and file_problem(path, f"{name} checkpoint")
         if problem:
@@ -98,7 +101,7 @@ def content_checks(config):
     if config.stage == "joint" and config.vae != RANDOM_VAE:
         checks.append(lambda: read_vae(config.vae, config.autoencoder))
     checks += [lambda name=name: load_file(getattr(config, name), f"{name} checkpoint")
-               for name in ("init_eft", "init_vldm") if getattr(config, name)]
+               for name in INIT_WEIGHTS if getattr(config, name)]
     return checks
 
 
@@ -519,7 +522,7 @@ class Trainer:
             missing = [key for key in TRAINING_KEYS if key not in ckpt]
             if missing:
                 raise UserError(f"{files[role]} lacks {missing}, so training cannot resume from it; move it out of "
-                                f"{self.exp_dir} to start afresh (use init_eft / init_vldm to start from weights)")
+                                f"{self.exp_dir} to start afresh (use init_eft / init_vldm / init_vae to start from weights)")
         steps = {role: int(ckpt["step"]) for role, ckpt in contents.items()}
         if len(set(steps.values())) > 1:
             raise UserError(f"the checkpoint files in {self.exp_dir} are at different steps {steps}; "

@@ -28,6 +28,7 @@ STAGES = ("joint", "vae")
 PRECISIONS = ("fp32", "tf32", "bf16")  # of sparsefusion.precision's
 BACKENDS = ("auto", "nccl", "gloo")
 VIS_SAMPLERS = ("ancestral", "plms")
+VAE_TRAINS = ("all", "decoder")
 RANDOM_VAE = "random"
 
 
@@ -54,6 +55,7 @@ class TrainConfig:
     vae: str = "checkpoints/sd/sd-v1-3-vae.ckpt"  # SD VAE weights (-a); 'random' for smoke runs only
     init_eft: str = ""                   # EFT weights to start from when not resuming ('' = fresh)
     init_vldm: str = ""                  # VLDM weights to start from when not resuming ('' = fresh)
+    init_vae: str = ""                   # vae stage: VAE weights to start from when not resuming ('' = fresh)
 
     # processes
     gpus: int = 1                        # processes on this machine, one GPU each (-g); torchrun sets its own
@@ -75,6 +77,8 @@ class TrainConfig:
     kl_weight: float = 1e-6              # vae stage: weight of the KL term against the summed L1 error (LDM's)
     perceptual_weight: float = 0.0       # vae stage: weight of LPIPS(VGG) per pixel beside the L1 error
                                          # (LDM's: 1.0; needs the VGG weights, docs/metrics.md)
+    vae_trains: str = "all"              # vae stage: 'all', or 'decoder': the encoder frozen, so the latents and
+                                         # a VLDM trained on them stay valid (as SD's fine-tuned ft-MSE decoder)
 
     # schedule
     iterations: int = 0                  # last step; 0 = max_epochs passes over the scenes (upstream)
@@ -110,7 +114,7 @@ class TrainConfig:
 def config_problems(config):
     """Return one line for every setting that is out of range or inconsistent with another."""
     choices = {"stage": STAGES, "precision": PRECISIONS, "backend": BACKENDS, "vis_sampler": VIS_SAMPLERS,
-               "resize_mode": RESIZE_MODES}
+               "resize_mode": RESIZE_MODES, "vae_trains": VAE_TRAINS}
     problems = problems_of(*[lambda name=name, allowed=allowed: check_choice(name, getattr(config, name), allowed,
                                                                              UserError)
                              for name, allowed in choices.items()])
@@ -120,6 +124,8 @@ def config_problems(config):
     elif low_high[1] - 1 > config.views_per_scene and config.stage == "joint":
         problems.append(f"num_input_range {low_high} draws up to {low_high[1] - 1} context views but a scene has "
                         f"views_per_scene={config.views_per_scene}; e.g. views_per_scene={low_high[1] - 1}")
+    if config.stage == "joint" and (config.init_vae or config.vae_trains != "all"):
+        problems.append("init_vae and vae_trains are settings of stage=vae; the joint stage encodes with `vae`")
     if config.queries_per_step > config.views_per_scene:
         problems.append(f"queries_per_step={config.queries_per_step} is more than views_per_scene="
                         f"{config.views_per_scene}: the queries are distinct views of one scene")
@@ -158,8 +164,8 @@ def check_config(config):
 # What a resumed run may take from its command line rather than from its checkpoint: where things are,
 # the processes, how long and how often, precision, and the learning-rate schedule (applied to the
 # optimizers). Every other field defines the run and must match the one stored in its checkpoint.
-FREE_ON_RESUME = ("root", "exp_dir", "vae", "init_eft", "init_vldm", "gpus", "port", "backend", "num_workers",
-                  "iterations", "max_epochs", "precision", "log_itr", "vis_itr", "vis_sampler", "save_itr",
+FREE_ON_RESUME = ("root", "exp_dir", "vae", "init_eft", "init_vldm", "init_vae", "gpus", "port", "backend",
+                  "num_workers", "iterations", "max_epochs", "precision", "log_itr", "vis_itr", "vis_sampler", "save_itr",
                   "archive_itr", "tensorboard")
 SCHEDULE = ("lr", "lr_step", "lr_gamma")
 

@@ -7,7 +7,9 @@ q(z|x) from N(0, I) summed over latents, both averaged over the batch, and optio
 term: perceptual_weight times the image's LPIPS (VGG) distance added at every pixel (LDM's
 LPIPSWithDiscriminator without its learned-variance and adversarial terms). Each step trains on the
 views_per_scene images of one scene, the masked images (black background) that training and
-distillation later encode.
+distillation later encode. init_vae starts from given weights; vae_trains=decoder freezes the encoder
+half (encoder, quant_conv) and trains the decoder alone, so the latents, and a VLDM trained on them,
+stay valid: Stable Diffusion's ft-MSE VAE is such a fine-tuned decoder.
 
 The checkpoint ckpt_{name}_vae.pt is a VAE file that load_vae reads as it is ('state_dict' in ldm
 names and 'config'), plus 'scale_factor': 1 / the standard deviation of the latents of the first
@@ -26,6 +28,7 @@ from sparsefusion.errors import UserError
 from sparsefusion.losses import kl_to_standard_normal
 from sparsefusion.outputs import image_grid
 from sparsefusion.perceptual import build_lpips, lpips_distance, unavailable_message
+from sparsefusion.vae import read_vae
 
 SCALE_SCENES = 8  # scenes whose latents set the scale factor
 
@@ -64,6 +67,12 @@ class VAEModel(nn.Module):
                 "perceptual": perceptual.mean(), "reconstructions": reconstruction.detach()}
 
 
+def frozen_encoder(vae):
+    """Freeze the encoder half of an AutoencoderKL (encoder, quant_conv) in place: its latents stay as they are."""
+    for part in (vae.encoder, vae.quant_conv):
+        part.requires_grad_(False)
+
+
 @torch.no_grad()
 def latent_scale_factor(vae, images, batch=32):
     """Return 1 / std of the posterior modes of images (N, 3, H, W) in [0, 1]: LDM's scale_by_std."""
@@ -94,7 +103,9 @@ class VAEObjective:
         self.config, self.device = config, device
         self.model = self.build_model(config, device).to(device).train()
         self.vae = self.model.vae
-        optimizer = torch.optim.Adam(self.vae.parameters(), lr=config.lr)
+        if config.vae_trains == "decoder":
+            frozen_encoder(self.vae)
+        optimizer = torch.optim.Adam([p for p in self.vae.parameters() if p.requires_grad], lr=config.lr)
         self.optimizers = [optimizer]
         self.schedulers = [torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)]
         scenes = [dataset[(0, index)] for index in range(min(len(dataset), SCALE_SCENES))]  # epoch 0's frames
@@ -129,7 +140,10 @@ class VAEObjective:
                             f"VAE checkpoint {paths['vae']}", weights_key="state_dict")
 
     def load_initial_weights(self):
-        """Keep the fresh initialisation: the VAE stage starts from nothing (config.vae is not read)."""
+        """Load init_vae's weights (strictly) when given; otherwise keep the fresh initialisation (config.vae is not read)."""
+        if self.config.init_vae:
+            vae, _ = read_vae(self.config.init_vae, self.config.autoencoder)
+            self.vae.load_state_dict(vae.state_dict())
 
     @torch.no_grad()
     def visualize(self, scene):

@@ -23,8 +23,8 @@ from sparsefusion.joint_objective import colors_at_rays, draw_query_and_context_
 from sparsefusion.trainer import Trainer, check_inputs, run_training
 from sparsefusion.outputs import LABEL_HEIGHT
 from sparsefusion.relative_cameras import relative_cameras
-from sparsefusion.training import load_config
-from sparsefusion.vae import load_latent_codec, save_vae
+from sparsefusion.training import check_config, load_config
+from sparsefusion.vae import load_latent_codec, read_vae, save_vae
 from sparsefusion.vae_objective import VAEModel, kl_to_standard_normal, perceptual_model
 from sparsefusion.vldm import VLDM
 
@@ -359,6 +359,39 @@ def test_vae_stage_learns_and_writes_a_vae_file_with_its_scale(small_config, tmp
     codec = load_latent_codec(tmp_path / "vae" / "ckpt_latest_vae.pt")  # load_vae reads the training file as it is
     assert codec.config.scale_factor == ckpt["scale_factor"]
     assert (tmp_path / "vae" / "log" / "train_000012.jpg").is_file()
+
+
+def test_decoder_only_vae_stage_starts_from_init_vae_and_keeps_its_encoder(small_config, tmp_path):
+    first = small_config("stage=vae", "iterations=4", "lr=2e-3", "save_itr=4", "views_per_scene=6",
+                         exp_dir=tmp_path / "first")
+    assert Trainer(first, single_rank()).train() == 4
+    start = tmp_path / "first" / "ckpt_latest_vae.pt"
+    config = small_config("stage=vae", "iterations=12", "lr=2e-3", "save_itr=12", "views_per_scene=6",
+                          f"init_vae={start}", "vae_trains=decoder", exp_dir=tmp_path / "decoder")
+    trainer = Trainer(config, single_rank())
+    initial, _ = read_vae(start)
+    torch.testing.assert_close(trainer.objective.vae.state_dict(), initial.state_dict(), rtol=0, atol=0)
+    images = trainer.dataset[(0, 0)].images
+
+    def loss():
+        torch.manual_seed(9)
+        with torch.no_grad():
+            return float(trainer.model(images)["reconstruction"])
+
+    before = loss()
+    assert trainer.train() == 12
+    assert loss() < 0.9 * before
+    trained, scale = read_vae(tmp_path / "decoder" / "ckpt_latest_vae.pt")
+    for name, value in trained.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(value, initial.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(trained.decoder.conv_out.weight, initial.decoder.conv_out.weight)
+    assert scale == load_file(start, "VAE checkpoint")["scale_factor"]  # the same latents, the same scale
+
+
+def test_init_vae_belongs_to_the_vae_stage(small_config):
+    with pytest.raises(UserError, match="init_vae and vae_trains are settings of stage=vae"):
+        check_config(small_config("stage=joint", "vae_trains=decoder"))
 
 
 def test_kl_term_is_the_closed_form_of_diagonal_gaussians():
