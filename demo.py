@@ -33,7 +33,7 @@ FLAG_FIELDS = {
     "method": "distill.method", "iterations": "distill.iterations", "fusion_start": "distill.fusion_start",
     "train_rays": "distill.train_rays", "circle_cameras": "distill.circle_cameras",
     "turntable_frames": "distill.turntable_frames", "num_steps": "distill.nerf_render.num_steps",
-    "upsample_steps": "distill.nerf_render.upsample_steps",
+    "upsample_steps": "distill.nerf_render.upsample_steps", "scenes_at_once": "scenes_at_once",
 }
 
 
@@ -79,6 +79,8 @@ def parse_args(argv=None):
     add("--upsample_steps", type=int, help="importance samples per NeRF ray (default: 64)")
     add("--mesh_threshold", type=float, help="density threshold of the exported mesh (default: 10)")
     add("--mesh_resolution", type=int, help="marching-cubes grid size of the mesh (default: 256)")
+    add("--scenes_at_once", type=int, help="distill this many scenes at once on each GPU, batching their models' calls "
+                                           "(default: 1; docs/demo.md)")
     add("--seed", type=int, help="every random draw of scene i (input views, NeRF, noise) follows from seed + i "
                                "(default: 0)")
     add("--skip_done", action="store_true", default=None,
@@ -223,7 +225,8 @@ def run_category(rank, config, category, out_dir):
     from sparsefusion.distributed import split_list
     from sparsefusion.models import load_models
     from sparsefusion.progress import progress_bar
-    from sparsefusion.reconstruct import chosen_input_views, reconstruct_scene, record_path, summary_line
+    from sparsefusion.reconstruct import (chosen_input_views, reconstruct_scene, reconstruct_scenes, record_path,
+                                          summary_line)
     from sparsefusion.report import update_run_page
 
     mine = split_list(parse_indices(config.idx), rank.world_size)[rank.rank]
@@ -241,15 +244,23 @@ def run_category(rank, config, category, out_dir):
         print("warning: no GPU, running on the CPU: hours per scene at full size "
               "(see --iterations, --train_rays, --num_steps)", file=sys.stderr)
     dataset = open_dataset(config, category)
-    for scene_index in (index for index in mine if index not in done):
-        scene = dataset[scene_index]
-        record = reconstruct_scene(
-            models, scene, scene_index, config.input_views, config.distill, out_dir, rank.device,
-            seed=config.seed, mesh_threshold=config.mesh_threshold, mesh_resolution=config.mesh_resolution,
-            baselines=config.baselines, inputs=chosen_input_views(scene, *config.chosen_inputs),
-            progress_factory=lambda total, label: progress_bar(total, label, position=rank.local_rank))
-        tqdm.write(summary_line(record))
-        records.append(record)
+    todo = [index for index in mine if index not in done]
+    options = dict(seed=config.seed, mesh_threshold=config.mesh_threshold, mesh_resolution=config.mesh_resolution,
+                   baselines=config.baselines,
+                   progress_factory=lambda total, label: progress_bar(total, label, position=rank.local_rank))
+    for start in range(0, len(todo), config.scenes_at_once):
+        indices = todo[start:start + config.scenes_at_once]
+        scenes = [dataset[index] for index in indices]
+        inputs = [chosen_input_views(scene, *config.chosen_inputs) for scene in scenes]
+        if config.scenes_at_once == 1:
+            done_now = [reconstruct_scene(models, scenes[0], indices[0], config.input_views, config.distill, out_dir,
+                                          rank.device, inputs=inputs[0], **options)]
+        else:
+            done_now = reconstruct_scenes(models, scenes, indices, config.input_views, config.distill, out_dir,
+                                          rank.device, inputs=inputs, **options)
+        for record in done_now:
+            tqdm.write(summary_line(record))
+        records += done_now
         if rank.is_main:
             update_run_page(out_dir, running=True)
     return records

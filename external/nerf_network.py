@@ -6,6 +6,10 @@ Upstream SparseFusion (external/nerf/network_grid.py) builds it with bound 4, a 
 added before the exponential. Only the 'albedo' shading the distillation uses is implemented (no
 normals, no background network: upstream runs with bg_radius 0). Parameter names match upstream's,
 so a checkpoint of either loads into the other.
+
+StackedNeRF trains S such networks side by side (sparsefusion/multi_scene.py): one grid-encoder call
+over all scenes' stacked tables and batched matmuls over their stacked MLP weights; scene_state_dict(s)
+is scene s as an ordinary NeRFNetwork state dict.
 """
 
 from dataclasses import dataclass
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsefusion.external.gridencoder import BACKENDS, GridConfig, GridEncoder
+from sparsefusion.external.gridencoder import BACKENDS, GridConfig, GridEncoder, StackedGridEncoder
 from sparsefusion.external.nerf_renderer import NeRFRenderConfig, render
 from sparsefusion.config import check_choice
 
@@ -74,6 +78,12 @@ def density_blob(x, density, radius):
     return density * torch.exp(-(x**2).sum(-1) / (2 * radius**2))
 
 
+def density_and_albedo(raw, x, config):
+    """Return (density (P,) float32 ≥ 0, albedo (P, 3) in [0, 1]) from the MLP's raw output (P, 4) at points x (P, 3)."""
+    sigma = trunc_exp(raw[..., 0] + density_blob(x, config.blob_density, config.blob_radius))
+    return sigma, torch.sigmoid(raw[..., 1:])
+
+
 class MLP(nn.Module):
     """Linear layers with ReLU between them (none after the last); state keys net.{i}.weight/bias."""
 
@@ -111,11 +121,7 @@ class NeRFNetwork(nn.Module):
 
     def forward(self, x):
         """Return (density (P,) float32 ≥ 0, albedo (P, 3) in [0, 1]) at points x (P, 3) in [−bound, bound]."""
-        h = self.sigma_net(self.encoder(x, bound=self.bound))
-        blob = density_blob(x, self.config.blob_density, self.config.blob_radius)
-        sigma = trunc_exp(h[..., 0] + blob)
-        albedo = torch.sigmoid(h[..., 1:])
-        return sigma, albedo
+        return density_and_albedo(self.sigma_net(self.encoder(x, bound=self.bound)), x, self.config)
 
     def get_params(self, lr):
         """Return Adam parameter groups: the grid at 10·lr, the MLP at lr (upstream's get_params)."""
@@ -144,3 +150,56 @@ class NeRFNetwork(nn.Module):
             max_ray_batch=config.max_ray_batch if staged else None,
             generator=generator,
         )
+
+
+class StackedNeRF(nn.Module):
+    """S NeRFNetworks of one configuration, trained side by side: each scene's field from its own parameters.
+
+    One grid-encoder call covers every scene (StackedGridEncoder: `encoder.embeddings` (S·rows, C)) and each
+    MLP layer is one batched matmul over stacked weights `weights.{i}` (S, out, in) and `biases.{i}` (S, out).
+    As a field it maps the points of S scenes, (S·P, 3) with scene s's the s-th of S equal blocks, to
+    (density (S·P,), albedo (S·P, 3)). get_params keeps upstream's two groups; Adam and StepLR being
+    elementwise, one optimiser over the stacked parameters is S independent ones. scene_state_dict(s)
+    is scene s as a NeRFNetwork state dict (upstream's names).
+    """
+
+    def __init__(self, networks):
+        super().__init__()
+        first = networks[0]
+        if any(network.config != first.config for network in networks[1:]):
+            raise ValueError("a StackedNeRF needs NeRFNetworks of one configuration")
+        self.config, self.bound, self.scenes = first.config, first.bound, len(networks)
+        self.encoder = StackedGridEncoder([network.encoder for network in networks])
+        layers = range(len(first.sigma_net.net))
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([n.sigma_net.net[i].weight.detach() for n in networks]))
+                                        for i in layers)
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([n.sigma_net.net[i].bias.detach() for n in networks]))
+                                       for i in layers)
+        self.register_buffer("aabb_train", first.aabb_train.clone())
+        self.register_buffer("aabb_infer", first.aabb_infer.clone())
+
+    def forward(self, x):
+        """Return (density (S·P,) float32 ≥ 0, albedo (S·P, 3) in [0, 1]) at points x (S·P, 3), scene by block."""
+        h = self.encoder(x.view(self.scenes, -1, 3), bound=self.bound)  # (S, P, L·C)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # (S, P, out)
+            if i < len(self.weights) - 1:
+                h = F.relu(h)
+        return density_and_albedo(h.reshape(-1, h.shape[-1]), x, self.config)
+
+    def get_params(self, lr):
+        """Return Adam parameter groups: the grids at 10·lr, the MLPs at lr (upstream's get_params)."""
+        return [
+            {"params": list(self.encoder.parameters()), "lr": lr * 10},
+            {"params": [*self.weights, *self.biases], "lr": lr},
+        ]
+
+    render = NeRFNetwork.render  # rays (S·R, 3), scene s's the s-th block; generator a list of S, one per scene
+
+    def scene_state_dict(self, scene):
+        """Return scene's parameters as a NeRFNetwork state dict (detached copies, upstream's names)."""
+        state = {"encoder.embeddings": self.encoder.scene_table(scene), "encoder.offsets": self.encoder.offsets}
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            state[f"sigma_net.net.{i}.weight"], state[f"sigma_net.net.{i}.bias"] = weight[scene], bias[scene]
+        state.update(aabb_train=self.aabb_train, aabb_infer=self.aabb_infer)
+        return {name: value.detach().clone() for name, value in state.items()}

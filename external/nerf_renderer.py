@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsefusion.generators import draw, is_grouped
+
 
 @dataclass
 class NeRFRenderConfig:
@@ -53,7 +55,7 @@ def stratified_depths(near, far, num_steps, perturb, generator=None):
     depths = near + (far - near) * steps  # (R, T)
     spacing = (far - near) / num_steps
     if perturb:
-        noise = torch.rand(depths.shape, device=depths.device, dtype=depths.dtype, generator=generator)
+        noise = draw(torch.rand, depths.shape, generator, device=depths.device, dtype=depths.dtype)
         depths = depths + (noise - 0.5) * spacing
     return depths, spacing
 
@@ -101,7 +103,7 @@ def sample_pdf(bins, weights, n_samples, deterministic=False, generator=None):
         u = torch.linspace(0.5 / n_samples, 1 - 0.5 / n_samples, n_samples, device=cdf.device, dtype=cdf.dtype)
         u = u.expand(shape).contiguous()
     else:
-        u = torch.rand(shape, device=cdf.device, dtype=cdf.dtype, generator=generator)
+        u = draw(torch.rand, shape, generator, device=cdf.device, dtype=cdf.dtype)
     upper = torch.searchsorted(cdf, u, right=True)
     below = (upper - 1).clamp_min(0)
     above = upper.clamp_max(cdf.shape[-1] - 1)
@@ -174,9 +176,13 @@ def render(field, rays_o, rays_d, aabb, config=None, perturb=False, bg_color=Non
     """Return {'image' (..., 3), 'depth' (...), 'weights_sum' (...), 'mask' (...)} for rays (..., 3).
 
     Rays are rendered max_ray_batch at a time when given (all at once when None); gradients flow
-    through every chunk. bg_color may be a number or a tensor broadcastable to (..., 3).
+    through every chunk. bg_color may be a number or a tensor broadcastable to (..., 3). generator: one,
+    or a list of G, one per equal block of the rays (several scenes' rays, unchunked: each block's
+    draws are then those of its rays rendered alone; sparsefusion.generators).
     """
     config = NeRFRenderConfig() if config is None else config
+    if is_grouped(generator) and max_ray_batch is not None:
+        raise ValueError("rays drawn from one generator per block of rays cannot be rendered in chunks")
     prefix = rays_o.shape[:-1]
     rays_o, rays_d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
     if torch.is_tensor(bg_color) and bg_color.dim() > 1:

@@ -70,6 +70,8 @@ class DemoConfig:
                                          # upstream, or 'noised': from the noised one (docs/vldm.md)
     plms_steps: int = 0                  # PLMS steps from t = 1 (the guidance runs t·2× that, at most all);
                                          # 0 = the VLDM checkpoint's (upstream's: 50)
+    scenes_at_once: int = 1              # scenes distilled at once on each GPU, their models' calls batched and
+                                         # their NeRFs stacked (docs/demo.md); 1 = one scene at a time
     gpus: int = 1                        # processes, one GPU each (-g)
     port: int = 1                        # last digit of the DDP port 1234p (-p)
 
@@ -130,6 +132,12 @@ def demo_config_problems(config):
     if distill.views_per_step < 1:
         problems.append(f"distill.views_per_step must be at least 1, got {distill.views_per_step}; "
                         "e.g. distill.views_per_step=1 (upstream's one camera per fusion step)")
+    if config.scenes_at_once < 1:
+        problems.append(f"--scenes_at_once must be at least 1, got {config.scenes_at_once}; e.g. --scenes_at_once 1 "
+                        "(one scene at a time)")
+    if config.scenes_at_once > 1 and distill.nerf.grid_backend == "tcnn":
+        problems.append("--scenes_at_once above 1 needs one grid-encoder call over several scenes' grids, which the "
+                        "tcnn backend cannot make; use distill.nerf.grid_backend=auto (Triton on a GPU)")
     if config.image_size > 0 and distill.train_rays >= 1 and config.image_size % distill.train_rays:
         problems.append(train_rays_problem(distill.train_rays, config.image_size, "--image_size"))
     problems += problems_of(lambda: parse_index_list(config.input_index, "input_index", "0,4"),

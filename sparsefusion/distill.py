@@ -197,9 +197,12 @@ class Distillation:
 
     def context_terms(self):
         """Return the context step's loss terms {'color', 'silhouette', 'opacity', 'total'} on a random input view."""
-        cfg = self.config
         view = self.context_view()
-        images, silhouettes = self.render_train(view)
+        return self.context_loss(view, *self.render_train(view))
+
+    def context_loss(self, view, images, silhouettes):
+        """Return context_terms's terms of the NeRF's render (1, 3, s, s) and silhouette (1, 1, s, s) of input view view."""
+        cfg = self.config
         factor = cfg.train_rays / cfg.image_size
         target_rgb = F.interpolate(self.images[view:view + 1], scale_factor=factor)
         target_mask = F.interpolate(self.masks[view:view + 1], scale_factor=factor)
@@ -219,12 +222,21 @@ class Distillation:
         """
         cfg = self.config
         slots = self.fusion_views()
-        images, silhouettes = self.render_train(*slots)
-        scale = cfg.image_size / cfg.train_rays
-        images = F.interpolate(images, scale_factor=scale, mode="bilinear")
-        silhouettes = F.interpolate(silhouettes, scale_factor=scale, mode="bilinear")
-        if iteration > cfg.fusion_start:
+        images, silhouettes = upsampled(*self.render_train(*slots), cfg.image_size)
+        guided = None
+        if self.guided(iteration):
             guided = self.guidance.loss(images, self.cache.features[slots], perceptual=iteration >= cfg.perceptual_start)
+        return self.fusion_loss(slots, images, silhouettes, guided)
+
+    def guided(self, iteration):
+        """Return whether the fusion step of an iteration is guided by the diffusion model (after fusion_start)."""
+        return iteration > self.config.fusion_start
+
+    def fusion_loss(self, slots, images, silhouettes, guided=None):
+        """Return fusion_terms's terms of the upsampled renders (K, 3, S, S) and silhouettes (K, 1, S, S) of cached
+        cameras slots (K ints), given the guidance's terms of the step, or None for a bootstrap step."""
+        cfg = self.config
+        if guided is not None:
             terms = {"fusion": guided.pop("total"), **{f"diffusion_{name}": term for name, term in guided.items()}}
         else:
             terms = {"bootstrap_color": mean_huber(images, self.cache.eft_images[slots]),
@@ -273,6 +285,13 @@ class Distillation:
         return torch.cat(images), torch.cat(silhouettes)
 
 
+def upsampled(images, silhouettes, size):
+    """Return (images (B, 3, size, size), silhouettes (B, 1, size, size)): training renders upsampled bilinearly."""
+    scale = size / images.shape[-1]
+    return (F.interpolate(images, scale_factor=scale, mode="bilinear"),
+            F.interpolate(silhouettes, scale_factor=scale, mode="bilinear"))
+
+
 class History:
     """Every loss term of every iteration as floats, read from the device in one transfer per flush."""
 
@@ -308,24 +327,38 @@ def run_distillation(distillation, progress=None, on_log=None):
     progress: a tqdm-like bar (update, set_postfix) or None; on_log(iteration, distillation) is
     called every log_every iterations (previews, plots).
     """
-    cfg = distillation.config
     history = History()
-    clock = PhaseClock(distillation.device)
-    for iteration in range(cfg.iterations):
-        if iteration == cfg.fusion_start + 1:
+    laps = run_iterations(distillation.config, distillation.device, lambda iteration: [distillation.step(iteration)],
+                          [history], progress, on_log and (lambda iteration: on_log(iteration, distillation)))
+    return history, laps
+
+
+def run_iterations(config, device, step, histories, progress=None, on_log=None):
+    """Run config.iterations of step(iteration) -> one row of terms per history; return {'bootstrap_s', 'diffusion_s'}.
+
+    Every log_every iterations (and at the last) the histories are read from the device, progress (a
+    tqdm-like bar or None) shows the latest losses (means over the histories) and on_log(iteration) runs.
+    """
+    clock = PhaseClock(device)
+    for iteration in range(config.iterations):
+        if iteration == config.fusion_start + 1:
             clock.lap("bootstrap_s")
-        history.append(distillation.step(iteration))
-        if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
-            history.flush()
+        for history, row in zip(histories, step(iteration)):
+            history.append(row)
+        if iteration % config.log_every == 0 or iteration == config.iterations - 1:
+            for history in histories:
+                history.flush()
             if progress is not None:
-                shown = {"vol": history.latest("volumetric"), "fusion": history.latest("fusion")}
-                progress.set_postfix({name: f"{value:.4f}" for name, value in shown.items() if value is not None})
+                shown = {"vol": "volumetric", "fusion": "fusion"}
+                latest = {short: [h.latest(name) for h in histories] for short, name in shown.items()}
+                progress.set_postfix({short: f"{sum(values) / len(values):.4f}" for short, values in latest.items()
+                                      if None not in values})
             if on_log is not None:
-                on_log(iteration, distillation)
+                on_log(iteration)
         if progress is not None:
             progress.update(1)
-    clock.lap("diffusion_s" if cfg.iterations > cfg.fusion_start + 1 else "bootstrap_s")
-    return history, clock.laps
+    clock.lap("diffusion_s" if config.iterations > config.fusion_start + 1 else "bootstrap_s")
+    return clock.laps
 
 
 class PhaseClock:

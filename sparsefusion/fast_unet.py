@@ -110,6 +110,32 @@ class _CompiledCudaGraphs:
         return self.fn(*args).clone()
 
 
+class PaddedBatches:
+    """Return fn(x, log_snr, cond) for any batch B, running fn at the smallest bucket size ≥ B (B itself beyond them).
+
+    The buckets are the powers of two below max_batch, and max_batch. The rows are padded by repeating the
+    last one and the padding's outputs dropped, so each row's result is fn's on that row (fn treats rows
+    independently, as the UNet does). For the grouped PLMS of several scenes (sparsefusion/multi_scene.py),
+    whose batch shrinks as scenes finish: a CUDA-graphed or compiled UNet then sees log2(max_batch) + 1
+    shapes at most (graphs captured, compilations) instead of one per batch size.
+    """
+
+    def __init__(self, fn, max_batch):
+        self.fn = fn
+        self.sizes = sorted({2 ** k for k in range(max(max_batch, 1).bit_length()) if 2 ** k < max_batch} | {max_batch})
+
+    def __call__(self, x, log_snr, cond=None):
+        batch = x.shape[0]
+        size = next((size for size in self.sizes if size >= batch), batch)
+        if size == batch:
+            return self.fn(x, log_snr, cond)
+
+        def padded(tensor):
+            return None if tensor is None else torch.cat([tensor, tensor[-1:].expand(size - batch, *tensor.shape[1:])])
+
+        return self.fn(padded(x), padded(log_snr), padded(cond))[:batch]
+
+
 def fast_unet(unet, config=None):
     """Return a callable (x, log_snr, cond) -> ε̂ (B, C, H, W) fp32 evaluating unet on the configured fast path."""
     config = config or FastPathConfig()

@@ -12,8 +12,12 @@ in [0, 1] and the cached EFT features of their cameras:
    perceptual_weight·LPIPS(x, x̂); gradients reach the NeRF through x only.
 
 The loop (sparsefusion/distill.py) owns the NeRF, the cameras and the schedule; it calls `loss`. All B
-renders share one noise level, so a batched caller can stack the renders of several views or scenes
-into one call of `targets` (one UNet batch per PLMS step).
+renders of one call share one noise level (several views of a scene: distill.views_per_step).
+
+Several scenes at once (sparsefusion/multi_scene.py): scene_losses takes one DiffusionGuidance per scene,
+each drawing its scene's noise level and PLMS noise from that scene's generators, and computes every
+scene's targets in one batch: one VAE encode, truncated PLMS runs that share UNet calls
+(VLDM.denoise_grouped), one decode and one LPIPS call over all scenes' renders.
 """
 
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ class GuidanceTargets:
 
     images: torch.Tensor   # (B, 3, S, S) in [0, 1], no gradient
     weights: torch.Tensor  # (B,) 1 − ᾱ(t): the L1 weight of each target
-    noise_level: float     # t in [0, 0.99]
+    noise_level: object    # t in [0, 0.99], or a list of G of them (one per block of renders)
 
 
 class DiffusionGuidance:
@@ -57,13 +61,22 @@ class DiffusionGuidance:
         return min(float(torch.rand(1, generator=self.generator)) * self.noise_level_scale, MAX_NOISE_LEVEL)
 
     @torch.no_grad()
-    def targets(self, images, features, noise_level):
-        """Return the GuidanceTargets of renders images (B, 3, S, S) in [0, 1] with EFT features (B, C, h, w)."""
+    def targets(self, images, features, noise_level, device_generators=None):
+        """Return the GuidanceTargets of renders images (B, 3, S, S) in [0, 1] with EFT features (B, C, h, w).
+
+        noise_level: t, drawing the PLMS noise from this guidance's device generator; or G levels, one per
+        equal block of the renders (G scenes'), with device_generators their G generators.
+        """
         models = self.models
         with autocast(images.device, self.precision):
             latents = models.codec.encode_images(images)
-            denoised, _, _, alpha_bar = models.vldm.denoise(latents, features, noise_level, model=models.unet,
-                                                             generator=self.device_generator)
+            if isinstance(noise_level, (list, tuple)):
+                denoised, _, _, alpha_bar = models.vldm.denoise_grouped(latents, features, noise_level,
+                                                                         model=models.unet,
+                                                                         generators=device_generators)
+            else:
+                denoised, _, _, alpha_bar = models.vldm.denoise(latents, features, noise_level, model=models.unet,
+                                                                 generator=self.device_generator)
             target = models.codec.decode_latents(denoised).float().clamp(0.0, 1.0)
         return GuidanceTargets(images=target, weights=1 - alpha_bar.float(), noise_level=noise_level)
 
@@ -74,9 +87,44 @@ class DiffusionGuidance:
         perceptual is True and the models have LPIPS; 'total' = l1 + perceptual_weight·perceptual.
         """
         targets = self.targets(images, features, self.draw_noise_level())
-        terms = {"l1": weighted_l1(images, targets.images, targets.weights)}
+        return self.terms(images, targets.images, targets.weights, perceptual)
+
+    def terms(self, images, targets, weights, perceptual=True, distances=None):
+        """Return loss's terms of renders images (B, 3, S, S) against targets (B, 3, S, S) with L1 weights (B,).
+
+        distances: the LPIPS distances (B,) of images to targets when already computed, else computed here.
+        """
+        terms = {"l1": weighted_l1(images, targets, weights)}
         terms["total"] = terms["l1"]
         if perceptual and self.models.lpips is not None:
-            terms["perceptual"] = lpips_distance(self.models.lpips, images, targets.images).mean()
+            if distances is None:
+                distances = lpips_distance(self.models.lpips, images, targets)
+            terms["perceptual"] = distances.mean()
             terms["total"] = terms["total"] + self.perceptual_weight * terms["perceptual"]
         return terms
+
+
+def scene_losses(guidances, images, features, perceptual=True):
+    """Return S dicts of loss terms, DiffusionGuidance.loss's of each scene, computed in one batch for S scenes.
+
+    guidances: S DiffusionGuidance with one set of models and settings, each holding its scene's
+    generators; images (S·K, 3, H, W) in [0, 1] and features (S·K, C, h, w): scene s's K renders and
+    their cameras' EFT features are the s-th block of K. Each scene draws its noise level from its CPU
+    generator and its PLMS noise from its device generator, in the order of its own loss call, so scene s
+    gets what guidances[s].loss(images_s, features_s) would give, up to the floating-point differences
+    of larger batches; the VAE, each PLMS step's UNet and LPIPS see one batch for all scenes.
+    """
+    first, scenes = guidances[0], len(guidances)
+    for guidance in guidances[1:]:
+        if (guidance.models is not first.models or guidance.perceptual_weight != first.perceptual_weight
+                or guidance.precision != first.precision):
+            raise ValueError("scene_losses needs the guidance of every scene to use one set of models and settings")
+    levels = [guidance.draw_noise_level() for guidance in guidances]
+    targets = first.targets(images, features, levels, [guidance.device_generator for guidance in guidances])
+    distances = None
+    if perceptual and first.models.lpips is not None:
+        distances = lpips_distance(first.models.lpips, images, targets.images).chunk(scenes)
+    return [guidance.terms(part, target, weights, perceptual, None if distances is None else distances[s])
+            for s, (guidance, part, target, weights) in enumerate(zip(guidances, images.chunk(scenes),
+                                                                     targets.images.chunk(scenes),
+                                                                     targets.weights.chunk(scenes)))]

@@ -13,7 +13,7 @@ import torch
 from sparsefusion.checkpoint import file_problem
 from sparsefusion.eft import load_eft
 from sparsefusion.errors import UserError, raise_problems
-from sparsefusion.fast_unet import FastPathConfig, fast_unet
+from sparsefusion.fast_unet import FastPathConfig, PaddedBatches, fast_unet
 from sparsefusion.perceptual import build_lpips
 from sparsefusion.vae import load_latent_codec
 from sparsefusion.vldm import VLDM
@@ -98,12 +98,17 @@ UNET_PATHS = {  # --unet: how the distillation evaluates the UNet on CUDA (bench
 }
 
 
-def unet_callable(vldm, mode, device):
-    """Return the UNet callable for the samplers per UNET_PATHS, or None (the module itself) on the CPU."""
+def unet_callable(vldm, mode, device, max_batch=None):
+    """Return the UNet callable for the samplers per UNET_PATHS, or None (the module itself) on the CPU.
+
+    max_batch: for batches that vary up to it (several scenes at once), the fast path runs at a few padded
+    sizes only (fast_unet.PaddedBatches); None for a fixed batch.
+    """
     config = UNET_PATHS[mode]
     if config is None or device.type != "cuda":
         return None
-    return fast_unet(vldm.unet, config)
+    model = fast_unet(vldm.unet, config)
+    return model if max_batch is None else PaddedBatches(model, max_batch)
 
 
 def _load(loader, path):
@@ -144,5 +149,6 @@ def load_checkpoints(category, config, device):
 def load_models(category, config, device):
     """Return the Models of a category on device, from a DemoConfig's checkpoint fields or the default paths."""
     models = load_checkpoints(category, config, device)
-    return replace(models, unet=unet_callable(models.vldm, config.unet, torch.device(device)),
+    varying = config.scenes_at_once * config.distill.views_per_step if config.scenes_at_once > 1 else None
+    return replace(models, unet=unet_callable(models.vldm, config.unet, torch.device(device), varying),
                    lpips=build_lpips("vgg", backbone=config.vgg_weights or None, device=device))

@@ -26,6 +26,7 @@ from sparsefusion.checkpoint import save_atomic
 from sparsefusion.distill import Distillation, run_distillation
 from sparsefusion.errors import UserError
 from sparsefusion.mesh import NoSurface, export_mesh
+from sparsefusion.multi_scene import MultiSceneDistillation, run_multi_scene
 from sparsefusion.baselines import baseline_metrics
 from sparsefusion.data.views import view_indices_by_name
 from sparsefusion.metrics import frame_means, scene_metrics
@@ -152,20 +153,11 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
         inputs: the input view indices; None = the first n_inputs of a permutation seeded by seed + scene_index.
         seed: with scene_index, the seed of every random draw (Distillation's seed is seed + scene_index).
     """
-    timings = {}
-    n_inputs = n_inputs if inputs is None else len(inputs)
-    label = sequence_label(scene.category, scene_index, n_inputs)
-    inputs = input_views(len(scene.images), scene_index, n_inputs, seed) if inputs is None else list(inputs)
-    if not scene.has_masks and config.silhouette_weight:
-        print(f"warning: {label}: no foreground masks, so the silhouette terms are off and quality is lower; "
-              f"docs/data.md ('Masks') says how to make them", file=sys.stderr)
-        config = replace(config, silhouette_weight=0.0)
-    scene = scene.to(device)
-
+    label, inputs, config, scene = prepare_scene(scene, scene_index, n_inputs, config, device, seed, inputs)
     start = time.perf_counter()
     distillation = Distillation(models, scene.cameras, scene.images, scene.masks, inputs, config,
                                 seed=seed + scene_index)
-    timings["feature_cache_s"] = time.perf_counter() - start
+    timings = {"feature_cache_s": time.perf_counter() - start}
 
     bar = progress_factory(config.iterations, label) if progress_factory else None
 
@@ -177,14 +169,73 @@ def reconstruct_scene(models, scene, scene_index, n_inputs, config, out_dir, dev
     timings.update(phases)
     if bar is not None:
         bar.close()
+    return finish_scene(models, scene, scene_index, label, inputs, distillation, history, timings, out_dir,
+                        mesh_threshold, mesh_resolution, baselines)
 
+
+def reconstruct_scenes(models, scenes, scene_indices, n_inputs, config, out_dir, device, seed=0,
+                       mesh_threshold=10.0, mesh_resolution=256, progress_factory=None, baselines=False, inputs=None):
+    """Distill several scenes at once (sparsefusion/multi_scene.py) and write each one's outputs; return their records.
+
+    Each scene's files and record are reconstruct_scene's, its numbers those of reconstruct_scene up to
+    floating-point differences; the record adds 'scenes_at_once', and its 'bootstrap_s' and 'diffusion_s'
+    are the group's times divided among its scenes. One progress bar covers the group.
+
+    Args:
+        scenes, scene_indices: the scenes (data.Scene) and their indices; inputs: None, or per scene its
+            input view indices (None for the seeded choice); the rest as reconstruct_scene's.
+    """
+    inputs = [None] * len(scenes) if inputs is None else inputs
+    prepared = [prepare_scene(scene, index, n_inputs, config, device, seed, chosen)
+                for scene, index, chosen in zip(scenes, scene_indices, inputs)]
+    runs, timings = [], []
+    for (label, chosen, scene_config, scene), index in zip(prepared, scene_indices):
+        start = time.perf_counter()
+        runs.append(Distillation(models, scene.cameras, scene.images, scene.masks, chosen, scene_config,
+                                 seed=seed + index))
+        timings.append({"feature_cache_s": time.perf_counter() - start})
+    labels = [label for label, _, _, _ in prepared]
+    bar = progress_factory(config.iterations, f"{labels[0]}…{labels[-1]} ({len(labels)} at once)") \
+        if progress_factory else None
+
+    def on_log(iteration, index, distillation):
+        check_finite_nerf(distillation, labels[index], iteration)
+        write_preview(out_dir, labels[index], distillation)
+
+    histories, phases = run_multi_scene(MultiSceneDistillation(runs), progress=bar, on_log=on_log)
+    if bar is not None:
+        bar.close()
+    records = []
+    for (label, chosen, _, scene), index, run, history, own in zip(prepared, scene_indices, runs, histories, timings):
+        own.update({phase: seconds / len(runs) for phase, seconds in phases.items()})
+        records.append(finish_scene(models, scene, index, label, chosen, run, history, own, out_dir, mesh_threshold,
+                                    mesh_resolution, baselines, scenes_at_once=len(runs)))
+    return records
+
+
+def prepare_scene(scene, scene_index, n_inputs, config, device, seed, inputs):
+    """Return (label, input view indices, the scene's DistillConfig, the scene on device) of a scene to distill."""
+    n_inputs = n_inputs if inputs is None else len(inputs)
+    label = sequence_label(scene.category, scene_index, n_inputs)
+    inputs = input_views(len(scene.images), scene_index, n_inputs, seed) if inputs is None else list(inputs)
+    if not scene.has_masks and config.silhouette_weight:
+        print(f"warning: {label}: no foreground masks, so the silhouette terms are off and quality is lower; "
+              f"docs/data.md ('Masks') says how to make them", file=sys.stderr)
+        config = replace(config, silhouette_weight=0.0)
+    return label, inputs, config, scene.to(device)
+
+
+def finish_scene(models, scene, scene_index, label, inputs, distillation, history, timings, out_dir, mesh_threshold,
+                 mesh_resolution, baselines, **extra):
+    """Render and score a distilled scene, write its outputs (the JSON last) and return its record (plus extra)."""
+    config = distillation.config
     start = time.perf_counter()
     renders = distillation.render(distillation.cameras.scene)
     metrics = scene_metrics(renders[0].cpu(), scene.images.cpu(), models.lpips)
     novel = novel_views(scene, inputs)
     extra = {"category": scene.category, "scene_index": scene_index, "source_sequence": scene.sequence_name,
              "method": config.method, "input_views": inputs, "n_views": len(scene.images),
-             "novel_views": frame_means([metrics["frames"][view] for view in novel])}
+             "novel_views": frame_means([metrics["frames"][view] for view in novel]), **extra}
     if baselines:
         extra["baselines"] = baseline_metrics(distillation, scene.images, novel, models.lpips,
                                               distillation.device_generator)

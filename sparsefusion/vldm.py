@@ -24,7 +24,8 @@ from sparsefusion.checkpoint import load_file, load_state_dict_strict, model_che
 from sparsefusion.config import check_choice
 from sparsefusion.errors import UserError
 from sparsefusion.fast_unet import fast_unet
-from sparsefusion.sampling import HIGH_NOISE_STARTS, denoise_plms_truncated, randn_like, sample_ancestral, sample_plms
+from sparsefusion.sampling import (HIGH_NOISE_STARTS, denoise_plms_truncated, denoise_plms_truncated_grouped, randn_like,
+                                   sample_ancestral, sample_plms)
 from sparsefusion.schedule import cosine_log_snr, p2_loss_weight, q_sample, random_times, sampling_times
 
 SAMPLERS = ("ancestral", "plms")
@@ -127,6 +128,18 @@ class VLDM(nn.Module):
         cfg = self.config
         return denoise_plms_truncated(model or self.unet, latents, max_thres, cond_images, cfg.plms_steps,
                                       generator, cfg.clip_value, cfg.high_noise)
+
+    @torch.no_grad()
+    def denoise_grouped(self, latents, cond_images, max_thres, model=None, generators=None):
+        """Return (x̂_0, x_noisy, noise, ᾱ) of G groups of latents (G·b, 4, H, W), each at its own noise level.
+
+        Group g (rows g·b … (g+1)·b − 1) gets what denoise(latents_g, cond_g, max_thres[g],
+        generator=generators[g]) gives it, with the G truncated PLMS runs sharing UNet calls
+        (sampling.denoise_plms_truncated_grouped); max_thres: G Python floats; ᾱ is (G·b,).
+        """
+        cfg = self.config
+        return denoise_plms_truncated_grouped(model or self.unet, latents, max_thres, cond_images, cfg.plms_steps,
+                                              generators, cfg.clip_value, cfg.high_noise)
 
     def fast_model(self, fast_config=None):
         """Return the UNet as a fast callable for sample/denoise (see sparsefusion.fast_unet.FastPathConfig)."""

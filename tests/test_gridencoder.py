@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsefusion.external.gridencoder import GridConfig, GridEncoder, grid_encode, grid_levels, resolve_backend, triton_available
+from sparsefusion.external.gridencoder import (GridConfig, GridEncoder, StackedGridEncoder, grid_encode, grid_levels,
+                                              resolve_backend, triton_available)
 from sparsefusion.external.gridencoder.reference import level_corners
 from sparsefusion.external.gridencoder.tcnn_backend import tcnn_available
 
@@ -209,3 +210,84 @@ def test_tcnn_backend_matches_reference_for_hash_grids():
     assert (grid_encode(points, table, levels, "tcnn") - expected).abs().max() < 1e-5 * expected.abs().max()
     with pytest.raises(ValueError, match="gridtype='hash'"):
         grid_encode(points, table, grid_levels(UPSTREAM_GRID), "tcnn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several scenes' grids in one call
+
+
+def compare_stacked_with_separate(device, backend, n_points, configs, scenes=3, dtype=torch.float32):
+    """Return, per config, the largest error of a stacked encoding (one call over scenes' stacked tables, with a
+    per-point scene index) and its gradients, relative to each scene encoded alone by the reference."""
+    generator = torch.Generator().manual_seed(1)
+    errors = []
+    for config in configs:
+        levels = grid_levels(config)
+        tables = torch.randn(scenes, levels.offsets[-1], config.level_dim, generator=generator, dtype=dtype)
+        points = torch.rand(scenes, n_points, 3, generator=generator, dtype=dtype)
+        points[:, :2] = torch.tensor([[1.0, 0.5, 0.0], [0.5, -0.02, 0.5]], dtype=dtype)  # an edge, outside
+        grad_out = torch.randn(scenes, n_points, levels.output_dim, generator=generator, dtype=dtype)
+        tables, points, grad_out = tables.to(device), points.to(device), grad_out.to(device)
+
+        x, t = points.clone().requires_grad_(), tables.flatten(0, 1).clone().requires_grad_()  # (S·rows, C)
+        scene = torch.arange(scenes, device=device).repeat_interleave(n_points).view(scenes, n_points)
+        out = grid_encode(x, t, levels, backend, scene=scene)
+        stacked = (out, *torch.autograd.grad(out, (x, t), grad_out))
+        x, t = points.clone().requires_grad_(), tables.clone().requires_grad_()
+        out = torch.stack([grid_encode(x[s], t[s], levels, "torch") for s in range(scenes)])
+        grad_x, grad_t = torch.autograd.grad(out, (x, t), grad_out)
+        separate = (out, grad_x, grad_t.flatten(0, 1))
+        errors.append([((a - b).abs().max() / b.abs().max()).item() for a, b in zip(stacked, separate)])
+    return errors
+
+
+STACKED_CONFIGS = [
+    GridConfig(**SMALL, log2_hashmap_size=7, gridtype="tiled"),
+    GridConfig(num_levels=5, level_dim=4, base_resolution=5, per_level_scale=1.9, log2_hashmap_size=9, gridtype="hash"),
+]
+
+
+def test_stacked_scenes_encode_as_each_scene_alone_with_the_reference():
+    errors = compare_stacked_with_separate("cpu", "torch", 50, STACKED_CONFIGS, dtype=torch.float64)
+    assert max(max(e) for e in errors) < 1e-12, errors
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_stacked_scenes_encode_as_each_scene_alone_with_the_triton_kernel_in_the_cpu_interpreter():
+    script = (
+        "import json, torch, tests.test_gridencoder as t\n"
+        "print(json.dumps(t.compare_stacked_with_separate('cpu', 'triton', 37, t.STACKED_CONFIGS)))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(STACKED_CONFIGS) and max(max(e) for e in errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (CUDA and triton_available()), reason="needs CUDA and triton")
+def test_stacked_scenes_encode_as_each_scene_alone_with_the_triton_kernel_on_cuda():
+    errors = compare_stacked_with_separate("cuda", "triton", 10_007, STACKED_CONFIGS + [UPSTREAM_GRID], scenes=4)
+    assert max(max(e) for e in errors) < 1e-5, errors
+
+
+def test_a_stacked_grid_encoder_holds_the_scenes_tables_and_encodes_each_through_its_own():
+    config = GridConfig(**SMALL, log2_hashmap_size=7)
+    encoders = [GridEncoder(config, backend="torch") for _ in range(3)]
+    stacked = StackedGridEncoder(encoders)
+    assert stacked.embeddings.shape == (3 * encoders[0].embeddings.shape[0], 2)
+    points = 8 * torch.rand(3, 20, 3) - 4
+    features = stacked(points, bound=4)
+    for s, encoder in enumerate(encoders):
+        assert torch.equal(stacked.scene_table(s), encoder.embeddings)
+        assert torch.equal(features[s], encoder(points[s], bound=4))
+    with pytest.raises(ValueError, match="one configuration"):
+        StackedGridEncoder([encoders[0], GridEncoder(GridConfig(**SMALL, log2_hashmap_size=6))])
+
+
+def test_the_tcnn_backend_refuses_several_scenes_in_one_line():
+    levels = grid_levels(GridConfig(**SMALL, log2_hashmap_size=7))
+    with pytest.raises(ValueError, match="tcnn grid backend encodes one scene's grid at a time"):
+        grid_encode(torch.rand(4, 3), torch.zeros(2 * levels.offsets[-1], 2), levels, "tcnn",
+                    scene=torch.tensor([0, 0, 1, 1]))

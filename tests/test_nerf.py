@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork, density_blob, trunc_exp
+from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork, StackedNeRF, density_blob, trunc_exp
 from sparsefusion.external.nerf_renderer import (
     NeRFRenderConfig,
     near_far_from_aabb,
@@ -296,3 +296,59 @@ def test_mesh_command_exports_a_saved_nerf(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the hint names this command's flag (demo.py's is --mesh_threshold)
         mesh_main([str(checkpoint), str(tmp_path / "x.ply"), "--resolution", "9", "--device", "cpu", "--threshold", "1e9"])
     assert capsys.readouterr().err.strip().endswith("pass a threshold between them with --threshold")
+
+
+def small_nerfs(scenes, **options):
+    config = NeRFConfig(num_levels=4, base_resolution=8, desired_resolution=64, log2_hashmap_size=12, hidden_dim=16,
+                        grid_backend="torch", **options)
+    networks = []
+    for scene in range(scenes):
+        torch.manual_seed(scene)
+        network = NeRFNetwork(config)
+        for parameter in network.sigma_net.parameters():  # a non-trivial field, different per scene
+            torch.nn.init.normal_(parameter, std=0.5)
+        torch.nn.init.normal_(network.encoder.embeddings, std=0.5)
+        networks.append(network)
+    return networks
+
+
+def test_a_stacked_nerf_renders_each_scene_as_its_network_alone_with_its_own_draws():
+    """One render call over 3 scenes' rays (one generator per scene) gives each scene what its NeRFNetwork renders
+    alone with that generator; gradients reach each scene's own parameters only, as they would alone."""
+    networks = small_nerfs(3)
+    stacked = StackedNeRF(networks)
+    rays_o = torch.tensor([0.0, 0.0, -6.0]) + 0.3 * torch.randn(3, 20, 3)
+    rays_d = torch.nn.functional.normalize(torch.tensor([0.0, 0.0, 1.0]) + 0.2 * torch.randn(3, 20, 3), dim=-1)
+    config = NeRFRenderConfig(num_steps=8, upsample_steps=8)
+    generators = [torch.Generator().manual_seed(20 + s) for s in range(3)]
+    out = stacked.render(rays_o.flatten(0, 1), rays_d.flatten(0, 1), config=config, perturb=True,
+                         generator=generators)
+    (out["image"].square().sum() + out["weights_sum"].sum()).backward()
+    for s, network in enumerate(networks):
+        alone = network.render(rays_o[s], rays_d[s], config=config, perturb=True,
+                               generator=torch.Generator().manual_seed(20 + s))
+        (alone["image"].square().sum() + alone["weights_sum"].sum()).backward()
+        for key in alone:  # float32: the batched matmul may round differently from nn.Linear
+            torch.testing.assert_close(out[key][20 * s:20 * (s + 1)], alone[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stacked.encoder.embeddings.grad.view(3, -1, 2)[s], network.encoder.embeddings.grad,
+                                   rtol=1e-4, atol=1e-7)
+        for i, layer in enumerate(network.sigma_net.net):
+            torch.testing.assert_close(stacked.weights[i].grad[s], layer.weight.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stacked.biases[i].grad[s], layer.bias.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_stacked_nerf_exports_each_scene_as_an_upstream_state_dict():
+    networks = small_nerfs(2)
+    stacked = StackedNeRF(networks)
+    groups = stacked.get_params(1e-3)
+    assert [group["lr"] for group in groups] == [1e-2, 1e-3]
+    assert sum(p.numel() for group in groups for p in group["params"]) == sum(p.numel() for p in stacked.parameters())
+    for s, network in enumerate(networks):
+        state = stacked.scene_state_dict(s)
+        expected = network.state_dict()
+        assert set(state) == set(expected)
+        assert all(torch.equal(state[key], expected[key]) for key in expected)
+        fresh = NeRFNetwork(network.config)
+        load_state_dict_strict(fresh, state, "scene")
+    with pytest.raises(ValueError, match="one configuration"):
+        StackedNeRF([networks[0], small_nerfs(1, bound=2.0)[0]])

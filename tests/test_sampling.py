@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sparsefusion.sampling import denoise_plms_truncated, plms_step, sample_ancestral, sample_plms
+from sparsefusion.sampling import (denoise_plms_truncated, denoise_plms_truncated_grouped, plms_step, sample_ancestral,
+                                   sample_plms, sample_plms_grouped)
 from sparsefusion.schedule import COSINE_S, sampling_times, truncated_steps
 
 F64 = torch.float64
@@ -177,3 +178,50 @@ def test_callbacks_see_every_step():
     sample_plms(lambda x, *_: torch.zeros_like(x), torch.randn(1, 4, 2, 2), sampling_times(7),
                 callback=lambda info: seen.append(info["i"]))
     assert seen == list(range(7))
+
+
+def conditioned_eps(x, log_snr, cond):
+    """A model whose ε̂ depends on every input, per row: x, its own λ and its own conditioning."""
+    return torch.tanh(0.7 * x + 0.05 * log_snr.view(-1, 1, 1, 1) + cond[:, :1])
+
+
+# 0.3: 30 steps; 0.995: upstream's restart, 50 steps from t = 1; 0.004: no step; 0.72: capped at 50; 0.17: 17
+GROUP_LEVELS = [0.3, 0.995, 0.004, 0.72, 0.17]
+
+
+@pytest.mark.parametrize("high_noise", ["upstream", "noised"])
+def test_grouped_truncated_plms_gives_each_group_its_own_run(high_noise):
+    """Each group's latents, draws and model inputs are its run alone; the runs share max n_g + 1 model calls."""
+    rows, groups = 2, len(GROUP_LEVELS)
+    x0 = torch.randn(groups * rows, 4, 3, 3, dtype=F64)
+    cond = torch.randn(groups * rows, 2, 3, 3, dtype=F64)
+    batch_sizes = []
+
+    def counted(x, log_snr, c):
+        batch_sizes.append(x.shape[0])
+        return conditioned_eps(x, log_snr, c)
+
+    generators = [torch.Generator().manual_seed(10 + g) for g in range(groups)]
+    grouped = denoise_plms_truncated_grouped(counted, x0, GROUP_LEVELS, cond, generators=generators,
+                                             high_noise=high_noise)
+    for g, level in enumerate(GROUP_LEVELS):
+        part = slice(g * rows, (g + 1) * rows)
+        own = torch.Generator().manual_seed(10 + g)
+        alone = denoise_plms_truncated(conditioned_eps, x0[part], level, cond[part], generator=own,
+                                       high_noise=high_noise)
+        for batched, single in zip(grouped, alone):  # float64, rows independent: equal to rounding
+            torch.testing.assert_close(batched[part], single, rtol=1e-12, atol=1e-12)
+        assert torch.equal(torch.randn(3, generator=generators[g]), torch.randn(3, generator=own))  # as many draws
+    steps = [50 if level >= 0.99 and high_noise == "upstream" else truncated_steps(level) for level in GROUP_LEVELS]
+    assert len(batch_sizes) == max(steps) + 1  # every group's first step (two calls) at global step 0
+    assert batch_sizes[0] == batch_sizes[1] == rows * sum(n > 0 for n in steps)  # the improved-Euler pair
+    assert batch_sizes[-1] == rows * sum(n == max(steps) for n in steps)  # the longest runs finish alone
+
+
+def test_grouped_plms_of_one_group_is_sample_plms():
+    x = torch.randn(3, 4, 2, 2, dtype=F64)
+    cond = torch.randn(3, 2, 2, 2, dtype=F64)
+    grid = sampling_times(7).double()
+    expected = sample_plms(conditioned_eps, x, grid, cond, generator=torch.Generator().manual_seed(1))
+    got = sample_plms_grouped(conditioned_eps, x, [grid], cond, [torch.Generator().manual_seed(1)])
+    assert torch.equal(got, expected)

@@ -8,7 +8,7 @@ import torch
 
 from sparsefusion.external.imagen_unet import PixelShuffleUpsample, Unet, UnetConfig
 from sparsefusion.errors import UserError
-from sparsefusion.fast_unet import FastPathConfig, PreparedUnet, fast_unet
+from sparsefusion.fast_unet import FastPathConfig, PaddedBatches, PreparedUnet, fast_unet
 from sparsefusion.schedule import COSINE_S, cosine_log_snr, q_sample
 from sparsefusion.checkpoint import load_file, load_training_state, model_checkpoint, save_atomic
 from sparsefusion.joint_objective import adam_with_step_lr
@@ -202,6 +202,22 @@ def test_cuda_graph_replay_matches_eager_on_new_inputs():
             torch.testing.assert_close(graphed(x, log_snr, cond), vldm.unet(x, log_snr, cond), rtol=1e-4, atol=1e-5)
         outs.append(graphed(x, log_snr, cond))
     assert not torch.equal(outs[0], outs[1])  # earlier outputs are not overwritten by later replays
+
+
+def test_padded_batches_run_a_few_sizes_and_return_each_rows_own_result():
+    seen = []
+
+    def model(x, log_snr, cond):
+        seen.append(x.shape[0])
+        return x * log_snr.view(-1, 1, 1, 1) + cond
+
+    padded = PaddedBatches(model, 12)
+    assert padded.sizes == [1, 2, 4, 8, 12]
+    for batch in (12, 11, 7, 5, 3, 1, 20):
+        x, log_snr, cond = torch.randn(batch, 4, 2, 2), torch.randn(batch), torch.randn(batch, 4, 2, 2)
+        assert torch.equal(padded(x, log_snr, cond), model(x, log_snr, cond))
+    assert set(seen) == {12, 8, 4, 1, 20, 11, 7, 5, 3}  # the direct calls above add the odd sizes
+    assert seen[0::2] == [12, 12, 8, 8, 4, 1, 20]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

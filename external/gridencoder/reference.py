@@ -177,15 +177,20 @@ def level_corners(levels, level, inputs):
     return corner_rows(levels, level, lower.long()), weights
 
 
-def grid_encode_reference(inputs, embeddings, levels):
+def grid_encode_reference(inputs, embeddings, levels, scene=None):
     """Return the grid encoding (P, L·C) of points (P, D) in [0, 1] from the table embeddings (rows, C).
 
     Differentiable in both inputs and embeddings through ordinary autograd; any float dtype. All
     levels are gathered at once so the table gradient is one scatter into one buffer.
+
+    Several scenes' grids at once: embeddings (S·rows, C) stacks S tables of rows = levels.offsets[-1]
+    rows each, and scene (P,) int gives each point's scene, whose rows start at scene·rows.
     """
     inside = ((inputs >= 0) & (inputs <= 1)).all(dim=-1, keepdim=True)  # (P, 1)
     corners = [level_corners(levels, level, inputs) for level in range(levels.num_levels)]
     rows = torch.stack([r for r, _ in corners], dim=1)        # (P, L, 2^D)
+    if scene is not None:
+        rows = rows + scene.long().view(-1, 1, 1) * levels.offsets[-1]
     weights = torch.stack([w for _, w in corners], dim=1)     # (P, L, 2^D)
     values = embeddings.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # (P, L, 2^D, C)
     features = (weights.unsqueeze(-2) @ values).squeeze(-2)  # (P, L, C)

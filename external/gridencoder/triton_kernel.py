@@ -5,6 +5,9 @@ points at one level (grid = (point blocks, levels)), so each level's table is to
 programs; the table gradient is scattered with atomic adds, so its summation order (not its value)
 varies from run to run. The gradient with respect to the points is computed only when they require
 it: upstream's distillation never needs it.
+
+Several scenes' grids in one launch: the table stacks S scenes' tables (S·rows, C) and a per-point
+scene index moves each point's rows by scene·rows (HAS_SCENE); without it the kernels are unchanged.
 """
 
 import functools
@@ -51,8 +54,12 @@ def _corner_row(gx, gy, gz, row0, size, axis, dims, hashed):
 
 
 @triton.jit
-def _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK: tl.constexpr):
-    """Load one block of points and one level's constants; return positions split into corner and fraction."""
+def _level_setup(x_ptr, scene_ptr, meta_ptr, scale_ptr, shift, n_points, scene_rows,
+                 HAS_SCENE: tl.constexpr, BLOCK: tl.constexpr):
+    """Load one block of points and one level's constants; return positions split into corner and fraction.
+
+    With HAS_SCENE the level's first row becomes per point: moved by the point's scene × scene_rows.
+    """
     block = tl.program_id(0)
     level = tl.program_id(1)
     points = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: P·L·C may pass 2^31
@@ -62,6 +69,8 @@ def _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK: tl.constexp
     z = tl.load(x_ptr + points * 3 + 2, mask=valid, other=0.0)
     inside = (x >= 0) & (x <= 1) & (y >= 0) & (y <= 1) & (z >= 0) & (z <= 1)
     row0 = tl.load(meta_ptr + level * 5 + 0)
+    if HAS_SCENE:
+        row0 = row0 + tl.load(scene_ptr + points, mask=valid, other=0).to(tl.int64) * scene_rows
     size = tl.load(meta_ptr + level * 5 + 1)
     axis = tl.load(meta_ptr + level * 5 + 2)
     dims = tl.load(meta_ptr + level * 5 + 3)
@@ -90,10 +99,11 @@ def _corner(corner: tl.constexpr, gx, gy, gz, fx, fy, fz, row0, size, axis, dims
 
 
 @triton.jit
-def _grid_forward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, out_ptr, n_points, n_levels, shift,
-                         C: tl.constexpr, BLOCK: tl.constexpr):
+def _grid_forward_kernel(x_ptr, scene_ptr, table_ptr, meta_ptr, scale_ptr, out_ptr, n_points, n_levels, shift,
+                         scene_rows, C: tl.constexpr, HAS_SCENE: tl.constexpr, BLOCK: tl.constexpr):
     (level, points, valid, inside, row0, size, axis, dims, hashed, scale,
-     gx, gy, gz, fx, fy, fz) = _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK)
+     gx, gy, gz, fx, fy, fz) = _level_setup(x_ptr, scene_ptr, meta_ptr, scale_ptr, shift, n_points, scene_rows,
+                                            HAS_SCENE, BLOCK)
     channels = tl.arange(0, C)
     load_mask = (valid & inside)[:, None]
     acc = tl.zeros((BLOCK, C), dtype=tl.float32)
@@ -106,11 +116,12 @@ def _grid_forward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, out_ptr, n_point
 
 
 @triton.jit
-def _grid_backward_kernel(x_ptr, table_ptr, meta_ptr, scale_ptr, grad_out_ptr, grad_table_ptr, grad_x_ptr,
-                          n_points, n_levels, shift,
-                          C: tl.constexpr, NEED_X_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _grid_backward_kernel(x_ptr, scene_ptr, table_ptr, meta_ptr, scale_ptr, grad_out_ptr, grad_table_ptr,
+                          grad_x_ptr, n_points, n_levels, shift, scene_rows,
+                          C: tl.constexpr, NEED_X_GRAD: tl.constexpr, HAS_SCENE: tl.constexpr, BLOCK: tl.constexpr):
     (level, points, valid, inside, row0, size, axis, dims, hashed, scale,
-     gx, gy, gz, fx, fy, fz) = _level_setup(x_ptr, meta_ptr, scale_ptr, shift, n_points, BLOCK)
+     gx, gy, gz, fx, fy, fz) = _level_setup(x_ptr, scene_ptr, meta_ptr, scale_ptr, shift, n_points, scene_rows,
+                                            HAS_SCENE, BLOCK)
     channels = tl.arange(0, C)
     mask = (valid & inside)[:, None]
     grad_out = tl.load(grad_out_ptr + points[:, None] * (n_levels * C) + level * C + channels[None, :],
@@ -152,25 +163,27 @@ def _check_operands(inputs, embeddings, levels):
 
 class _GridEncodeTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs, embeddings, levels):
+    def forward(ctx, inputs, embeddings, levels, scene):
         _check_operands(inputs, embeddings, levels)
         inputs = inputs.contiguous()
         embeddings = embeddings.contiguous()
+        has_scene = scene is not None
+        scene = scene.contiguous() if has_scene else inputs  # a dummy pointer the kernels never read
         meta, scales = _level_tables(levels, inputs.device)
         n_points, n_levels, channels = inputs.shape[0], levels.num_levels, levels.level_dim
         out = torch.empty(n_points, n_levels * channels, device=inputs.device, dtype=torch.float32)
         if n_points:
             grid = (triton.cdiv(n_points, _BLOCK), n_levels)
-            _grid_forward_kernel[grid](inputs, embeddings, meta, scales, out, n_points, n_levels,
-                                       levels.position_shift(), C=channels, BLOCK=_BLOCK,
-                                       enable_fp_fusion=_FP_FUSION)
-        ctx.save_for_backward(inputs, embeddings)
-        ctx.levels = levels
+            _grid_forward_kernel[grid](inputs, scene, embeddings, meta, scales, out, n_points, n_levels,
+                                       levels.position_shift(), levels.offsets[-1], C=channels, HAS_SCENE=has_scene,
+                                       BLOCK=_BLOCK, enable_fp_fusion=_FP_FUSION)
+        ctx.save_for_backward(inputs, embeddings, scene)
+        ctx.levels, ctx.has_scene = levels, has_scene
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs, embeddings = ctx.saved_tensors
+        inputs, embeddings, scene = ctx.saved_tensors
         levels = ctx.levels
         meta, scales = _level_tables(levels, inputs.device)
         n_points, n_levels, channels = inputs.shape[0], levels.num_levels, levels.level_dim
@@ -179,15 +192,18 @@ class _GridEncodeTriton(torch.autograd.Function):
         grad_x_levels = torch.zeros(n_points if need_x_grad else 1, n_levels, 3, device=inputs.device)
         if n_points:
             grid = (triton.cdiv(n_points, _BLOCK), n_levels)
-            _grid_backward_kernel[grid](inputs, embeddings, meta, scales, grad_out.contiguous(), grad_table,
+            _grid_backward_kernel[grid](inputs, scene, embeddings, meta, scales, grad_out.contiguous(), grad_table,
                                         grad_x_levels, n_points, n_levels, levels.position_shift(),
-                                        C=channels, NEED_X_GRAD=need_x_grad, BLOCK=_BLOCK,
-                                        enable_fp_fusion=_FP_FUSION)
+                                        levels.offsets[-1], C=channels, NEED_X_GRAD=need_x_grad,
+                                        HAS_SCENE=ctx.has_scene, BLOCK=_BLOCK, enable_fp_fusion=_FP_FUSION)
         grad_inputs = grad_x_levels.sum(dim=1) if need_x_grad else None
-        return grad_inputs, grad_table, None
+        return grad_inputs, grad_table, None, None
 
 
-def grid_encode_triton(inputs, embeddings, levels):
-    """Return the grid encoding (P, L·C) of points (P, 3) in [0, 1], float32, by the fused Triton kernels."""
-    return _GridEncodeTriton.apply(inputs, embeddings, levels)
+def grid_encode_triton(inputs, embeddings, levels, scene=None):
+    """Return the grid encoding (P, L·C) of points (P, 3) in [0, 1], float32, by the fused Triton kernels.
+
+    scene (P,) int32/int64, if given: each point's scene in a stack of scene tables (S·rows, C).
+    """
+    return _GridEncodeTriton.apply(inputs, embeddings, levels, scene)
 
