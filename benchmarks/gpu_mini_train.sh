@@ -7,7 +7,8 @@
 # .carry/vgg carried for its LPIPS; init_eft=checkpoints/mini/eft.pt init_vldm=checkpoints/mini/vldm.pt
 # for a first stage 2 on a new VAE). VAE_RUNS trains several VAE recipes side by side instead, one
 # "dir overrides..." per line, and exports none of them (pick one on the CPU, as run 2 did).
-# The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) and the logs go to $OUT.
+# The training checkpoints (with optimizer state; the VLDM's in 15 MB parts) go to $OUT, the logs and
+# scores in $OUT/results.tar.
 # Export them afterwards on the CPU: python -m sparsefusion.export ... (docs/mini.md).
 #   VAE_STEPS=100000 VAE_BUDGET_S=240 JOINT_STEPS=100000 END_S=520 bash benchmarks/gpu_mini_train.sh
 #   VAE_STEPS=100000 VAE_BUDGET_S=300 VAE_RUNS=$'output/mini/vae_d vae_trains=decoder\noutput/mini/vae_f' \
@@ -60,4 +61,6 @@ if [ "${JOINT_STEPS:-0}" -gt 0 ]; then
 fi
 vae_dirs=$(echo "${VAE_RUNS:-$VAE_DIR}" | while read -r dir _; do echo $dir/log $dir/config.yaml; done)
 tar cf $OUT/logs.tar $vae_dirs $JOINT_DIR/log $JOINT_DIR/config.yaml 2>/dev/null
+# A call brings back at most 8 files: everything but the checkpoints goes into one tar.
+(cd $OUT && tar cf results.tar --remove-files $(ls | grep -v -e '\.pt$' -e '\.part\.'))
 echo "== done at $(elapsed) s"; ls -la $OUT
