@@ -45,7 +45,7 @@ def scene_flags(args, work, scenes):
         return ["--mini", "-r", str(work / "mini_data"), f"generate.scenes={scenes}", "generate.workers=8"]
     eft, vldm, vae = full_size_checkpoints(work)
     generate_synthetic(["--root", str(work / "data"), "--categories", "hydrant", "--scenes", str(scenes),
-                        "--workers", "8"])
+                        "--eval-scenes", str(scenes), "--workers", "8"])  # demo.py reads the evaluation scenes
     return ["-d", "synthetic", "-r", str(work / "data"), "-c", "hydrant", "-e", str(eft), "-l", str(vldm),
             "-a", str(vae)]
 
