@@ -4,10 +4,11 @@ For each category, input-view count and seed it runs `demo.py --mini` twice over
 method with baselines=true (rows (a) EFT images, (b) VLDM samples, (c) distilled NeRF, (e) nearest
 input view) and --method inputs_only (row (d)). Every number is a mean over the non-input views of
 a scene, then over the scenes; the table gives the mean over seeds ± their standard deviation.
-Runs go `--jobs` at a time (separate processes; on one GPU they overlap), and a rerun skips the
-scenes whose metrics exist, so the table can be filled over several calls.
+Runs go `--jobs` at a time (separate processes; on one GPU they overlap, best under CUDA MPS, which
+benchmarks/gpu_mini_quality.sh starts), scenes_at_once=N distils each run's scenes N at once, and a
+rerun skips the scenes whose metrics exist, so the table can be filled over several calls.
 
-    python benchmarks/mini_quality.py --out output/mini_quality --scenes 10 --jobs 12   # the docs' table
+    python benchmarks/mini_quality.py --out output/mini_quality --jobs 16 scenes_at_once=10   # the docs' table
     python benchmarks/mini_quality.py --out /tmp/q --categories hydrant --scenes 1 --views 2 --seeds 0 \
         distill.iterations=20 distill.fusion_start=10                                  # a smoke run
 Writes {out}/quality.json and {out}/quality.md; each run's demo outputs under {out}/runs/.
