@@ -177,17 +177,22 @@ TRITON_CONFIGS = [
 ]
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-def test_triton_kernel_matches_reference_in_the_cpu_interpreter():
-    script = (
-        "import json, torch, tests.test_gridencoder as t\n"
-        "print(json.dumps(t.compare_triton_with_reference('cpu', 37, t.TRITON_CONFIGS)))\n"
-    )
+def in_triton_interpreter(call):
+    """Return the JSON result of call, an expression over this module as t, run in a process with TRITON_INTERPRET=1.
+
+    The interpreter is chosen when Triton is imported, so it needs a fresh process.
+    """
+    script = f"import json, torch, tests.test_gridencoder as t\nprint(json.dumps(t.{call}))\n"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_kernel_matches_reference_in_the_cpu_interpreter():
+    errors = in_triton_interpreter("compare_triton_with_reference('cpu', 37, t.TRITON_CONFIGS)")
     assert len(errors) == len(TRITON_CONFIGS) and max(max(e) for e in errors) < 1e-5, errors
 
 
@@ -254,15 +259,7 @@ def test_stacked_scenes_encode_as_each_scene_alone_with_the_reference():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_stacked_scenes_encode_as_each_scene_alone_with_the_triton_kernel_in_the_cpu_interpreter():
-    script = (
-        "import json, torch, tests.test_gridencoder as t\n"
-        "print(json.dumps(t.compare_stacked_with_separate('cpu', 'triton', 37, t.STACKED_CONFIGS)))\n"
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = in_triton_interpreter("compare_stacked_with_separate('cpu', 'triton', 37, t.STACKED_CONFIGS)")
     assert len(errors) == len(STACKED_CONFIGS) and max(max(e) for e in errors) < 1e-5, errors
 
 

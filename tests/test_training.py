@@ -335,20 +335,21 @@ def test_several_queries_share_the_context_each_in_its_own_frame(small_config):
     assert losses["rgb"].shape == (3, 8, 8, 3) and torch.isfinite(losses["total"])
 
 
+def seeded_reconstruction_loss(trainer, images):
+    """Return a VAE-stage trainer's mean L1 reconstruction error of images, its posterior draw seeded."""
+    torch.manual_seed(9)
+    with torch.no_grad():
+        return float(trainer.model(images)["reconstruction"])
+
+
 def test_vae_stage_learns_and_writes_a_vae_file_with_its_scale(small_config, tmp_path):
     config = small_config("stage=vae", "iterations=12", "lr=2e-3", "save_itr=12", "vis_itr=12", "views_per_scene=6",
                           exp_dir=tmp_path / "vae")
     trainer = Trainer(config, single_rank())
     images = trainer.dataset[(0, 0)].images
-
-    def loss():
-        torch.manual_seed(9)
-        with torch.no_grad():
-            return float(trainer.model(images)["reconstruction"])
-
-    before = loss()
+    before = seeded_reconstruction_loss(trainer, images)
     assert trainer.train() == 12
-    assert loss() < 0.7 * before
+    assert seeded_reconstruction_loss(trainer, images) < 0.7 * before
     ckpt = load_file(tmp_path / "vae" / "ckpt_latest_vae.pt", "VAE checkpoint")
     assert set(ckpt) == {"step", "state_dict", "config", "scale_factor", "optimizer_state_dict",
                          "scheduler_state_dict", "train_config", "rng_state", "checksum"}
@@ -372,15 +373,9 @@ def test_decoder_only_vae_stage_starts_from_init_vae_and_keeps_its_encoder(small
     initial, _ = read_vae(start)
     torch.testing.assert_close(trainer.objective.vae.state_dict(), initial.state_dict(), rtol=0, atol=0)
     images = trainer.dataset[(0, 0)].images
-
-    def loss():
-        torch.manual_seed(9)
-        with torch.no_grad():
-            return float(trainer.model(images)["reconstruction"])
-
-    before = loss()
+    before = seeded_reconstruction_loss(trainer, images)
     assert trainer.train() == 12
-    assert loss() < 0.9 * before
+    assert seeded_reconstruction_loss(trainer, images) < 0.9 * before
     trained, scale = read_vae(tmp_path / "decoder" / "ckpt_latest_vae.pt")
     for name, value in trained.state_dict().items():
         if name.startswith(("encoder.", "quant_conv.")):
