@@ -239,6 +239,10 @@ def run_category(rank, config, category, out_dir):
     if len(done) == len(mine):
         return records
     models = load_models(category, config, rank.device)
+    if rank.device.type == "cuda":
+        import torch
+
+        torch.backends.cudnn.benchmark = True  # the loop's shapes are fixed: each convolution is autotuned once
     config = with_image_size(config, models.image_size, models.latent_stride)
     if rank.device.type == "cpu" and rank.is_main and config.image_size >= 128:
         print("warning: no GPU, running on the CPU: hours per scene at full size "

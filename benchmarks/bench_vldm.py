@@ -12,6 +12,7 @@ copying weights, compilation and graph capture. cuDNN autotuning (cudnn.benchmar
 """
 
 import argparse
+import ast
 import json
 import platform
 import statistics
@@ -56,8 +57,13 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=5, help="untimed UNet calls before timing")
     parser.add_argument("--max-thres", type=float, default=0.5, help="noise level of the truncated PLMS call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="torch._inductor.config settings for the compiled variants, e.g. conv_1x1_as_mm=True")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    for setting in args.inductor:
+        name, value = setting.split("=", 1)
+        setattr(torch._inductor.config, name, ast.literal_eval(value))
     defaults = DEFAULT_CUDA if args.device.startswith("cuda") else DEFAULT_CPU
     names = args.variants.split(",") if args.variants else defaults
     unknown = [name for name in names if name not in VARIANTS]
@@ -165,7 +171,7 @@ def main():
         summary = {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "small": args.small, "max_thres": args.max_thres, "plms_steps": steps,
+            "small": args.small, "inductor": args.inductor, "max_thres": args.max_thres, "plms_steps": steps,
             "distillation_unet_calls": calls, "repeats": args.repeats, "plms_repeats": args.plms_repeats,
             "results": [{k: v for k, v in row.items() if k not in ("eps", "x0")} for row in rows],
         }

@@ -247,7 +247,8 @@ class Distillation:
         terms["total"] = terms["fusion"] + cfg.opacity_weight * terms["opacity"]
         return terms
 
-    def _descend(self, loss):
+    def descend(self, loss):
+        """Take one Adam step on loss (a scalar with a graph)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -259,12 +260,12 @@ class Distillation:
         terms (method 'sparsefusion' only): those of fusion_terms, opacity as 'fusion_opacity'.
         """
         context = self.context_terms()
-        self._descend(context["total"])
+        self.descend(context["total"])
         self.scheduler.step()
         terms = {"volumetric": context.pop("total"), **context}
         if self.config.method == "sparsefusion":
             fusion = self.fusion_terms(iteration)
-            self._descend(fusion.pop("total"))
+            self.descend(fusion.pop("total"))
             terms.update(fusion_opacity=fusion.pop("opacity"), **fusion)
         return {name: term.detach() for name, term in terms.items()}
 

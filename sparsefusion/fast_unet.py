@@ -9,7 +9,9 @@ eps = model(x, log_snr, cond), giving fp32 NCHW ε̂, for inference only (no gra
 """
 
 import copy
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -136,6 +138,16 @@ class PaddedBatches:
         return self.fn(padded(x), padded(log_snr), padded(cond))[:batch]
 
 
+def use_persistent_compile_cache():
+    """Point torch.compile's caches at ~/.cache/sparsefusion/inductor unless TORCHINDUCTOR_CACHE_DIR is set.
+
+    Inductor's default, /tmp/torchinductor_$USER, is gone after a reboot; compiling the UNet takes about a
+    minute per batch shape, which a warm cache turns into seconds (docs/demo.md, "Speed").
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsefusion" / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+
+
 def fast_unet(unet, config=None):
     """Return a callable (x, log_snr, cond) -> ε̂ (B, C, H, W) fp32 evaluating unet on the configured fast path."""
     config = config or FastPathConfig()
@@ -144,6 +156,7 @@ def fast_unet(unet, config=None):
         raise ValueError('compile_mode "reduce-overhead" captures CUDA graphs itself; set cuda_graph=False')
     model = PreparedUnet(unet, config.precision, config.channels_last)
     if config.compile_mode != "none":
+        use_persistent_compile_cache()
         model = torch.compile(model, mode=config.compile_mode, dynamic=False)
     if config.compile_mode == "reduce-overhead":
         return _CompiledCudaGraphs(model)

@@ -77,7 +77,8 @@ class MultiSceneDistillation:
         silhouettes = out["weights_sum"].reshape(-1, 1, side, side)
         return list(zip(images.chunk(scenes), silhouettes.chunk(scenes)))
 
-    def _descend(self, losses):
+    def descend(self, losses):
+        """Take one Adam step on the sum of the scenes' losses (S scalars)."""
         self.optimizer.zero_grad(set_to_none=True)
         torch.stack(losses).sum().backward()
         self.optimizer.step()
@@ -88,7 +89,7 @@ class MultiSceneDistillation:
         views = [scene.context_view() for scene in scenes]
         context = [scene.context_loss(view, *renders)
                    for scene, view, renders in zip(scenes, views, self.render_train([[view] for view in views]))]
-        self._descend([terms["total"] for terms in context])
+        self.descend([terms["total"] for terms in context])
         self.scheduler.step()
         rows = [{"volumetric": terms.pop("total"), **terms} for terms in context]
         if cfg.method == "sparsefusion":
@@ -101,7 +102,7 @@ class MultiSceneDistillation:
                                       features, perceptual=iteration >= cfg.perceptual_start)
             fusion = [scene.fusion_loss(chosen, *pair, terms)
                       for scene, chosen, pair, terms in zip(scenes, slots, renders, guided)]
-            self._descend([terms.pop("total") for terms in fusion])
+            self.descend([terms.pop("total") for terms in fusion])
             for row, terms in zip(rows, fusion):
                 row.update(fusion_opacity=terms.pop("opacity"), **terms)
         return [{name: term.detach() for name, term in row.items()} for row in rows]

@@ -1,0 +1,326 @@
+"""The one benchmark: where a scene's time goes, fp32 eager beside the fast paths, and the batched modes.
+
+    python benchmarks/benchmark.py --out benchmark.json            # one GPU, full size: about 8 minutes
+    python benchmarks/benchmark.py --mini --device cpu --paths eager --scenes_at_once 2 --views_per_step 2 \
+        --warmup 1 --timed 2 --out benchmark_cpu.json               # the shipped mini models: checks the script
+
+Full size (default): upstream's models with random weights of the released sizes (bench_demo.py's), one
+synthetic hydrant scene of 32 views at 256², 2 input views, upstream's settings (DemoConfig's defaults).
+--mini: the shipped mini models and configs/mini_demo.yaml. Random weights make the pictures
+meaningless but not the times: every network has its size and every stage runs.
+
+For each UNet path (--paths; demo.py's --unet: eager = the fp32 module, upstream's numerics; graph;
+compile), on one Distillation (demo.py's code, not a copy):
+- components: the UNet per call at batch 1 (first call, with compilation and graph capture, apart);
+  the VAE's encode and decode of one 256² image; LPIPS of one pair; one NeRF step (the context step:
+  render train_rays², loss, backward, Adam);
+- the scene's phases: EFT feature cache (building the Distillation), a bootstrap iteration, a diffusion
+  iteration, the final phase (finish_scene: renders of every view, metrics, GIFs, mesh);
+- the scene time, extrapolated: cache + B·bootstrap + G·diffusion + final, B = fusion_start + 1 and
+  G = iterations − B (upstream: 1001 and 1999).
+Iterations are timed after --warmup untimed ones, the device synchronised around them. All paths draw
+the same noise levels (one seed), but --timed iterations cannot hold the noise levels' mean, so the
+diffusion iteration is corrected to the mean number of UNet calls of upstream's distribution (about
+38): + (E[calls] − calls seen) · UNet ms per call; both numbers are in the JSON.
+
+Batched modes, fast path (--batched_path), extrapolated the same way:
+- --scenes_at_once N: N scenes in lockstep (sparsefusion/multi_scene.py); scenes per hour =
+  3600·N / (N·(cache + final) + B·bootstrap_N + G·diffusion_N), and peak GPU memory;
+- distill.views_per_step=K with both phases divided by K (docs/demo.md): seconds per scene.
+Needs ImageNet VGG16 weights for LPIPS (or SPARSEFUSION_VGG16), as demo.py.
+"""
+
+import argparse
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+from benchmarks.bench_multi_scene import scene_flags  # noqa: E402
+from benchmarks.bench_vldm import distillation_unet_calls  # noqa: E402
+from benchmarks.measures import median_seconds, synchronize  # noqa: E402
+from sparsefusion.demo_config import with_image_size  # noqa: E402
+from sparsefusion.distill import Distillation, History  # noqa: E402
+from sparsefusion.models import load_models, unet_callable  # noqa: E402
+from sparsefusion.multi_scene import MultiSceneDistillation  # noqa: E402
+from sparsefusion.perceptual import lpips_distance  # noqa: E402
+from sparsefusion.reconstruct import finish_scene, prepare_scene  # noqa: E402
+
+
+class CountedCalls:
+    """fn(*args), counting the calls (the UNet calls of the PLMS runs)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mini", action="store_true", help="the shipped mini models and configs/mini_demo.yaml")
+    parser.add_argument("--paths", default="eager,graph,compile", help="UNet paths (demo.py --unet), comma-separated")
+    parser.add_argument("--batched_path", default="graph", help="UNet path of the batched modes")
+    parser.add_argument("--scenes_at_once", type=int, nargs="*", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--views_per_step", type=int, nargs="*", default=[4, 8, 16])
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before each timed run")
+    parser.add_argument("--timed", type=int, default=20, help="timed iterations of each phase, one scene")
+    parser.add_argument("--batched_timed", type=int, default=6, help="timed iterations of each phase, batched modes")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of each component")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of a NeRF step and of a diffusion iteration (batched path)")
+    parser.add_argument("--out", required=True, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    args.paths = args.paths.split(",")
+    return args
+
+
+def setting(args, work):
+    """Return (DemoConfig with the models' image size, Models with the eager UNet, one scene's prepared parts)."""
+    config = demo.config_from_args(demo.parse_args([*scene_flags(args, work, 1), "-o", str(work / "out")]))
+    config = replace(config, unet="eager")
+    demo.generate_missing_data(config)
+    device = torch.device(args.device)
+    models = load_models(config.categories[0], config, device)
+    config = with_image_size(config, models.image_size, models.latent_stride)
+    scene = demo.open_dataset(config, config.categories[0])[0]
+    return config, models, prepare_scene(scene, 0, config.input_views, config.distill, device, config.seed, None)
+
+
+def distillation(models, prepared, seed=0, **changes):
+    """Return a Distillation of the prepared scene (prepare_scene's), its DistillConfig with changes."""
+    _, inputs, distill, scene = prepared
+    return Distillation(models, scene.cameras, scene.images, scene.masks, inputs, replace(distill, **changes), seed=seed)
+
+
+def mean_iteration_s(stepper, iterations, warmup, device):
+    """Return the mean seconds of stepper.step(i) over iterations, after stepping the first warmup of them untimed."""
+    for iteration in iterations[:warmup]:
+        stepper.step(iteration)
+    synchronize(device)
+    start = time.perf_counter()
+    for iteration in iterations[warmup:]:
+        stepper.step(iteration)
+    synchronize(device)
+    return (time.perf_counter() - start) / (len(iterations) - warmup)
+
+
+def phase_iterations(config, count):
+    """Return (bootstrap iterations, guided iterations): count of each, the guided ones after fusion_start."""
+    start = config.fusion_start + 1
+    return list(range(min(count, start))), list(range(start, start + count))
+
+
+def component_ms(models, scene, device, repeats):
+    """Return {unet_ms, vae_encode_ms, vae_decode_ms, lpips_ms} at batch 1 (one image of the scene)."""
+    image = scene.images[:1]
+    latents = models.codec.encode_images(image)
+    unet = models.unet or models.vldm.unet
+    c = models.vldm.config.unet
+    features = torch.randn(1, c.cond_images_channels, *latents.shape[-2:], device=device)
+    log_snr = torch.zeros(1, device=device)
+    with torch.no_grad():
+        calls = {"unet_ms": lambda: unet(latents, log_snr, features),
+                 "vae_encode_ms": lambda: models.codec.encode_images(image),
+                 "vae_decode_ms": lambda: models.codec.decode_latents(latents)}
+        if models.lpips is not None:
+            calls["lpips_ms"] = lambda: lpips_distance(models.lpips, image, image.flip(-1))
+        return {name: 1e3 * median_seconds(fn, device, repeats, warmup=3) for name, fn in calls.items()}
+
+
+def nerf_step_ms(run, device, repeats):
+    """Return the ms of one context step of a Distillation: render train_rays², loss, backward, Adam."""
+    return 1e3 * median_seconds(lambda: run.descend(run.context_terms()["total"]), device, repeats, warmup=3)
+
+
+def first_unet_call_s(models, device):
+    """Return the seconds of the UNet path's first batch-1 call: compilation and graph capture included."""
+    c = models.vldm.config.unet
+    side = models.image_size // models.latent_stride
+    inputs = (torch.randn(1, c.channels, side, side, device=device), torch.zeros(1, device=device),
+              torch.randn(1, c.cond_images_channels, side, side, device=device))
+    synchronize(device)
+    start = time.perf_counter()
+    (models.unet or models.vldm.unet)(*inputs)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def one_scene(config, models, prepared, path, args, work):
+    """Return the one-scene breakdown of a UNet path (module docstring)."""
+    device = torch.device(args.device)
+    models = replace(models, unet=unet_callable(models.vldm, path, device))
+    row = {"path": path, "first_unet_call_s": first_unet_call_s(models, device)}
+    row.update(component_ms(models, prepared[3], device, args.repeats))
+    counted = CountedCalls(models.unet or models.vldm.unet)
+    start = time.perf_counter()
+    run = distillation(replace(models, unet=counted), prepared)
+    synchronize(device)
+    row["eft_cache_s"] = time.perf_counter() - start
+    row["nerf_step_ms"] = nerf_step_ms(run, device, args.repeats)
+    bootstrap, guided = phase_iterations(run.config, args.warmup + args.timed)
+    row["bootstrap_iteration_s"] = mean_iteration_s(run, bootstrap, args.warmup, device)
+    calls_before = counted.calls
+    row["diffusion_iteration_measured_s"] = mean_iteration_s(run, guided, args.warmup, device)
+    row["unet_calls_per_iteration_seen"] = (counted.calls - calls_before) / len(guided)
+    expected = distillation_unet_calls(models.vldm.config.plms_steps)
+    row["diffusion_iteration_s"] = (row["diffusion_iteration_measured_s"]
+                                    + (expected - row["unet_calls_per_iteration_seen"]) * row["unet_ms"] / 1e3)
+    if args.profile and path == args.batched_path:
+        print_profile("NeRF step (context)", lambda: run.descend(run.context_terms()["total"]), device)
+        print_profile("diffusion iteration", lambda: run.step(guided[-1]), device)
+    start = time.perf_counter()
+    label = prepared[0]
+    finish_scene(models, prepared[3], 0, label, prepared[1], run, History(), {}, work / f"final_{path}",
+                 config.mesh_threshold, config.mesh_resolution, baselines=False)
+    row["final_phase_s"] = time.perf_counter() - start
+    row["scene_s"] = fixed_s(row) + phases_s(run.config, row)
+    return row
+
+
+def print_profile(title, fn, device, rows=15):
+    """Print the kernels taking the most device time over 3 calls of fn (after one untimed call)."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(3):
+            fn()
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\nprofile: {title}, 3 calls\n" + profile.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+
+
+def fixed_s(row):
+    """Return a scene's seconds outside the iterations: EFT feature cache and final phase."""
+    return row["eft_cache_s"] + row["final_phase_s"]
+
+
+def phases_s(distill, row, scale=1):
+    """Return ⌈B/scale⌉·bootstrap + ⌈G/scale⌉·diffusion iteration seconds, B = fusion_start + 1, G = the rest."""
+    bootstrap = distill.fusion_start + 1
+    guided = distill.iterations - bootstrap
+    return (math.ceil(bootstrap / scale) * row["bootstrap_iteration_s"]
+            + math.ceil(guided / scale) * row["diffusion_iteration_s"])
+
+
+def batched_models(models, args):
+    """Return models with the batched modes' UNet path, padded to a few batch sizes (fast_unet.PaddedBatches)."""
+    device = torch.device(args.device)
+    largest = max([*args.scenes_at_once, *args.views_per_step, 1])
+    return replace(models, unet=unet_callable(models.vldm, args.batched_path, device, largest))
+
+
+def allocated_gib(device):
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def scenes_at_once(models, prepared, fixed, args):
+    """Return a row per N of --scenes_at_once: iteration times, scenes per hour and peak GPU memory.
+
+    The largest N's Distillations are built once and the first N of them stepped for each N; the memory of N
+    is what N scenes' caches hold (a share of the built ones) plus the peak of stepping them.
+    """
+    device = torch.device(args.device)
+    before = allocated_gib(device)
+    runs = [distillation(models, prepared, seed=seed) for seed in range(max(args.scenes_at_once, default=0))]
+    per_scene = None if before is None else (allocated_gib(device) - before) / len(runs)
+    rows = []
+    for n in args.scenes_at_once:
+        stepper = runs[0] if n == 1 else MultiSceneDistillation(runs[:n])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start_gib = allocated_gib(device)
+        row = {"scenes_at_once": n, **iteration_times(stepper, args)}
+        row["scenes_per_hour"] = 3600 * n / (n * fixed_s(fixed) + phases_s(runs[0].config, row))
+        if per_scene is not None:
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            row["peak_gib"] = before + n * per_scene + peak - start_gib
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del stepper
+    return rows
+
+
+def iteration_times(stepper, args):
+    """Return {bootstrap_iteration_s, diffusion_iteration_s} of a batched mode's stepper (batched_timed of each)."""
+    device = torch.device(args.device)
+    config = stepper.config
+    bootstrap, guided = phase_iterations(config, args.warmup + args.batched_timed)
+    return {"bootstrap_iteration_s": mean_iteration_s(stepper, bootstrap, args.warmup, device),
+            "diffusion_iteration_s": mean_iteration_s(stepper, guided, args.warmup, device)}
+
+
+def views_per_step(models, prepared, fixed, args):
+    """Return a row per K of --views_per_step: iteration times and the scene's seconds with both phases divided by K."""
+    rows = []
+    for k in args.views_per_step:
+        run = distillation(models, prepared, views_per_step=k)
+        row = {"views_per_step": k, **iteration_times(run, args)}
+        row["scene_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+BREAKDOWN = (("first UNet call (compile, capture), s", "first_unet_call_s"), ("UNet call, batch 1, ms", "unet_ms"),
+             ("VAE encode, ms", "vae_encode_ms"), ("VAE decode, ms", "vae_decode_ms"), ("LPIPS, ms", "lpips_ms"),
+             ("NeRF step (context), ms", "nerf_step_ms"), ("EFT feature cache, s", "eft_cache_s"),
+             ("bootstrap iteration, s", "bootstrap_iteration_s"),
+             ("diffusion iteration (measured), s", "diffusion_iteration_measured_s"),
+             ("UNet calls per diffusion iteration (seen)", "unet_calls_per_iteration_seen"),
+             ("diffusion iteration (mean calls), s", "diffusion_iteration_s"),
+             ("final phase, s", "final_phase_s"), ("one scene, extrapolated, s", "scene_s"))
+
+
+def print_summary(results):
+    rows = results["one_scene"]
+    print(f"\n{results['device']}, torch {results['torch']}; {results['setting']}")
+    print(f"{'':44s}" + "".join(f"{row['path']:>12s}" for row in rows))
+    for title, key in BREAKDOWN:
+        print(f"{title:44s}" + "".join(f"{row.get(key, float('nan')):12.4g}" for row in rows))
+    for row in results["scenes_at_once"]:
+        memory = f", peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else ""
+        print(f"{row['scenes_at_once']:3d} scenes at once: {row['scenes_per_hour']:.1f} scenes/hour{memory}")
+    for row in results["views_per_step"]:
+        print(f"{row['views_per_step']:3d} views per step, phases / {row['views_per_step']}: {row['scene_s']:.1f} s/scene")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as demo.py
+    work = Path(tempfile.mkdtemp())
+    config, models, prepared = setting(args, work)
+    rows = [one_scene(config, models, prepared, path, args, work) for path in args.paths]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    fast = next((row for row in rows if row["path"] == args.batched_path), rows[-1])
+    models = batched_models(models, args)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "python": platform.python_version(),
+               "setting": "mini models" if args.mini else "upstream's sizes, random weights",
+               "image_size": config.image_size, "iterations": config.distill.iterations,
+               "fusion_start": config.distill.fusion_start, "warmup": args.warmup, "timed": args.timed,
+               "batched_timed": args.batched_timed, "batched_path": args.batched_path, "one_scene": rows,
+               "scenes_at_once": scenes_at_once(models, prepared, fast, args),
+               "views_per_step": views_per_step(models, prepared, fast, args)}
+    print_summary(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
