@@ -9,6 +9,8 @@ benchmarks/gpu_mini_quality.sh starts), scenes_at_once=N distils each run's scen
 rerun skips the scenes whose metrics exist, so the table can be filled over several calls.
 
     python benchmarks/mini_quality.py --out output/mini_quality --jobs 16 scenes_at_once=10   # the docs' table
+    python benchmarks/mini_quality.py --out output/q_k4 --methods sparsefusion --views 2 --jobs 16 scenes_at_once=10 \
+        baselines=false distill.views_per_step=4 distill.iterations=65 distill.fusion_start=25   # row (c) only
     python benchmarks/mini_quality.py --out /tmp/q --categories hydrant --scenes 1 --views 2 --seeds 0 \
         distill.iterations=20 distill.fusion_start=10                                  # a smoke run
 Writes {out}/quality.json and {out}/quality.md; each run's demo outputs under {out}/runs/.
@@ -65,7 +67,7 @@ def run_all(args):
     """Run every missing (method, views, seed, category) demo, args.jobs at a time; return failures."""
     write_eval_scenes(args.categories, args.jobs)
     jobs = []  # seeds outermost: a call that stops early leaves whole seeds of every view count
-    for seed, views, method, category in product(args.seeds, args.views, METHODS, args.categories):
+    for seed, views, method, category in product(args.seeds, args.views, args.methods, args.categories):
         directory = run_dir(args.out, method, views, seed, category)
         todo = missing_scenes(directory, category, args.scenes, views)
         if todo:
@@ -105,7 +107,7 @@ def table(args):
     'scenes' lists each seed's scene count: a table filled over several calls may not have them all yet.
     """
     pooled = defaultdict(list)  # (views, row, metric, seed) -> values of every scene of every category
-    for views, seed, method, category in product(args.views, args.seeds, METHODS, args.categories):
+    for views, seed, method, category in product(args.views, args.seeds, args.methods, args.categories):
         for row, metric, value in scene_values(args.out, method, views, seed, category, args.scenes):
             pooled[views, row, metric, seed].append(value)
     per_seed, scenes = defaultdict(list), defaultdict(list)  # (views, row, metric) -> one entry per seed
@@ -142,13 +144,15 @@ def main():
     parser.add_argument("--scenes", type=int, default=10, help="held-out scenes 0..N-1 of each category")
     parser.add_argument("--views", type=int, nargs="+", default=[2, 3], help="input-view counts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="demo methods to run: sparsefusion gives rows (a), (b), (c), (e); inputs_only (d)")
     parser.add_argument("--jobs", type=int, default=1, help="demo processes at a time")
     parser.add_argument("--table_only", action="store_true", help="only summarise the runs that exist")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig fields for every run")
     args = parser.parse_args()
     failed = [] if args.table_only else run_all(args)
     result = table(args)
-    write_json({"categories": args.categories, "scenes": args.scenes, "seeds": args.seeds,
+    write_json({"categories": args.categories, "methods": args.methods, "scenes": args.scenes, "seeds": args.seeds,
                 "overrides": args.overrides, "views": result}, Path(args.out) / "quality.json")
     write_text(markdown(result), Path(args.out) / "quality.md")
     print(markdown(result))

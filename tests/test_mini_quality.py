@@ -30,7 +30,8 @@ def test_the_table_is_the_mean_and_spread_over_seeds_of_means_over_scenes(tmp_pa
         write_metrics(tmp_path, "sparsefusion", 2, seed, "vase", 0, b, baselines={"eft": b - 1})
         write_metrics(tmp_path, "inputs_only", 2, seed, "hydrant", 0, a / 2)
         write_metrics(tmp_path, "inputs_only", 2, seed, "vase", 0, b / 2)
-    args = Namespace(out=tmp_path, views=[2], seeds=[0, 1], categories=["hydrant", "vase"], scenes=1)
+    args = Namespace(out=tmp_path, views=[2], seeds=[0, 1], categories=["hydrant", "vase"], scenes=1,
+                     methods=list(mini_quality.METHODS))
     rows = mini_quality.table(args)[2]
     assert rows["sparsefusion"]["psnr"] == {"mean": 25.0, "std": 10.0, "seeds": 2, "scenes": [2, 2]}
     assert rows["inputs_only"]["psnr"]["mean"] == 12.5 and rows["eft"]["psnr"]["mean"] == 24.0
@@ -38,6 +39,8 @@ def test_the_table_is_the_mean_and_spread_over_seeds_of_means_over_scenes(tmp_pa
     assert "lpips" not in rows["sparsefusion"] and rows["eft"]["lpips"]["mean"] == pytest.approx(0.2)
     assert "(c) distilled NeRF (the method) | 25.00 ± 10.00 | 0.250 ± 0.100 | n/a | 2, 2 |" in mini_quality.markdown(
         mini_quality.table(args))
+    only_method = mini_quality.table(Namespace(**{**vars(args), "methods": ["sparsefusion"]}))[2]
+    assert "inputs_only" not in only_method and only_method["sparsefusion"] == rows["sparsefusion"]
 
 
 def test_only_the_scenes_without_metrics_are_run_again(tmp_path):
