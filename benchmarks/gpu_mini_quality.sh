@@ -20,17 +20,7 @@ if [ ! -f output/quick_start/summary.json ]; then
   python3 demo.py --mini -o output/quick_start > output/quick_start/demo.log 2>&1
   echo "== quick start: exit $? in $(( ($(date +%s%N) - quick) / 1000000 )) ms"
 fi
-if [ "${MPS:-0}" = 1 ] && command -v nvidia-cuda-mps-control > /dev/null; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
-  if nvidia-cuda-mps-control -d && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda')"; then
-    echo "== MPS on"
-  else
-    echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; echo "== MPS failed, off"
-  fi
-else
-  echo "== MPS off"
-fi
+[ "${MPS:-0}" = 1 ] && start_mps || echo "== MPS off"
 batched=()
 if [ "${SCENES_AT_ONCE:-1}" -gt 1 ]; then
   python3 demo.py --mini -i 0,1 --scenes_at_once 2 -o output/batched_check > output/batched_check.log 2>&1
