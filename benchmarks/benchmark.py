@@ -44,9 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-from benchmarks.bench_multi_scene import scene_flags  # noqa: E402
+from benchmarks.bench_demo import full_size_checkpoints  # noqa: E402
 from benchmarks.bench_vldm import distillation_unet_calls  # noqa: E402
 from benchmarks.measures import median_seconds, synchronize  # noqa: E402
+from sparsefusion.data.synthetic import main as generate_synthetic  # noqa: E402
 from sparsefusion.demo_config import with_image_size  # noqa: E402
 from sparsefusion.distill import Distillation, History  # noqa: E402
 from sparsefusion.models import load_models, unet_callable  # noqa: E402
@@ -86,9 +87,19 @@ def parse_args(argv=None):
     return args
 
 
+def scene_flags(args, work):
+    """Return demo.py's flags of the benchmark's setting (module docstring), writing what it needs under work."""
+    if args.mini:
+        return ["--mini", "-r", str(work / "mini_data"), "generate.scenes=1", "generate.workers=8"]
+    eft, vldm, vae = full_size_checkpoints(work)
+    generate_synthetic(["--root", str(work / "data"), "--categories", "hydrant", "--scenes", "1", "--eval-scenes", "1"])
+    return ["-d", "synthetic", "-r", str(work / "data"), "-c", "hydrant", "-e", str(eft), "-l", str(vldm),
+            "-a", str(vae)]
+
+
 def setting(args, work):
     """Return (DemoConfig with the models' image size, Models with the eager UNet, one scene's prepared parts)."""
-    config = demo.config_from_args(demo.parse_args([*scene_flags(args, work, 1), "-o", str(work / "out")]))
+    config = demo.config_from_args(demo.parse_args([*scene_flags(args, work), "-o", str(work / "out")]))
     config = replace(config, unet="eager")
     demo.generate_missing_data(config)
     device = torch.device(args.device)
