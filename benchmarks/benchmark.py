@@ -82,6 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print the top GPU kernels of a NeRF step and of a diffusion iteration (batched path)")
     parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="demo.py settings, e.g. distill.nerf.grid_backend=torch (upstream's encoder)")
     args = parser.parse_args(argv)
     args.paths = args.paths.split(",")
     return args
@@ -99,7 +101,7 @@ def scene_flags(args, work):
 
 def setting(args, work):
     """Return (DemoConfig with the models' image size, Models with the eager UNet, one scene's prepared parts)."""
-    config = demo.config_from_args(demo.parse_args([*scene_flags(args, work), "-o", str(work / "out")]))
+    config = demo.config_from_args(demo.parse_args([*scene_flags(args, work), "-o", str(work / "out"), *args.overrides]))
     config = replace(config, unet="eager")
     demo.generate_missing_data(config)
     device = torch.device(args.device)
@@ -322,6 +324,7 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "python": platform.python_version(),
                "setting": "mini models" if args.mini else "upstream's sizes, random weights",
+               "overrides": args.overrides,
                "image_size": config.image_size, "iterations": config.distill.iterations,
                "fusion_start": config.distill.fusion_start, "warmup": args.warmup, "timed": args.timed,
                "batched_timed": args.batched_timed, "batched_path": args.batched_path, "one_scene": rows,
