@@ -118,10 +118,16 @@ def distillation(models, prepared, seed=0, **changes):
 
 
 def mean_iteration_s(stepper, iterations, warmup, device):
-    """Return the mean seconds of stepper.step(i) over iterations, after stepping the first warmup of them untimed."""
+    """Return the mean seconds of stepper.step(i) over iterations, after stepping the first warmup of them untimed.
+
+    The device's peak-memory counter restarts after the warm-up, whose cuDNN autotuning of new shapes
+    allocates large trial workspaces.
+    """
     for iteration in iterations[:warmup]:
         stepper.step(iteration)
     synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for iteration in iterations[warmup:]:
         stepper.step(iteration)
@@ -242,8 +248,8 @@ def allocated_gib(device):
 def scenes_at_once(models, prepared, fixed, args):
     """Return a row per N of --scenes_at_once: iteration times, scenes per hour and peak GPU memory.
 
-    The largest N's Distillations are built once and the first N of them stepped for each N; the memory of N
-    is what N scenes' caches hold (a share of the built ones) plus the peak of stepping them.
+    The largest N's Distillations are built once and the first N of them stepped for each N. The memory of N
+    is the peak over the timed diffusion iterations less the share of the built scenes not stepped.
     """
     device = torch.device(args.device)
     before = allocated_gib(device)
@@ -252,14 +258,10 @@ def scenes_at_once(models, prepared, fixed, args):
     rows = []
     for n in args.scenes_at_once:
         stepper = runs[0] if n == 1 else MultiSceneDistillation(runs[:n])
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start_gib = allocated_gib(device)
         row = {"scenes_at_once": n, **iteration_times(stepper, args)}
         row["scenes_per_hour"] = 3600 * n / (n * fixed_s(fixed) + phases_s(runs[0].config, row))
         if per_scene is not None:
-            peak = torch.cuda.max_memory_allocated(device) / 2**30
-            row["peak_gib"] = before + n * per_scene + peak - start_gib
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 - (len(runs) - n) * per_scene
         rows.append(row)
         print(json.dumps(row), flush=True)
         del stepper
