@@ -80,24 +80,22 @@ def unet_inputs(vldm, batch, seed):
     return [value.to(DEVICE) for value in inputs(batch, size, channels)]
 
 
-# bf16 keeps 8 significant bits (0.4 % per rounding); after the UNet's ~100 layers ε̂ moves by ~1 %
-# (docs/vldm.md measures 1.0–1.25e-2 at full size). A broken path (stale graph input, wrong layout) is O(1) off.
-UNET_EPS_TOLERANCE = 3e-2
-
-
-@pytest.mark.parametrize("config,vldm_fixture", [
-    (UNET_PATHS["graph"], "full_vldm"),
-    (UNET_PATHS["compile"], "small_cuda_vldm"),
-    (FastPathConfig(compile_mode="reduce-overhead", cuda_graph=False), "small_cuda_vldm"),
+# bf16 keeps 8 significant bits (0.4 % per rounding); after the UNet's ~100 layers ε̂ moves by ~1 % at full
+# size (docs/vldm.md measures 1.0–1.25e-2) and up to ~2 % in the small UNet's narrow layers (measured on the
+# CPU; test_vldm.py's CPU bound is 5e-2). A broken path (stale graph input, wrong layout) is O(1) off.
+@pytest.mark.parametrize("config,vldm_fixture,tolerance", [
+    (UNET_PATHS["graph"], "full_vldm", 3e-2),
+    (UNET_PATHS["compile"], "small_cuda_vldm", 5e-2),
+    (FastPathConfig(compile_mode="reduce-overhead", cuda_graph=False), "small_cuda_vldm", 5e-2),
 ], ids=["graph", "compile", "reduce-overhead"])
-def test_fast_unet_eps_stays_close_to_fp32(config, vldm_fixture, request):
+def test_fast_unet_eps_stays_close_to_fp32(config, vldm_fixture, tolerance, request):
     vldm = request.getfixturevalue(vldm_fixture)
     fast = fast_unet(vldm.unet, config)
     for seed in range(2):  # the first call captures or compiles, the second replays on new inputs
         x, log_snr, cond = unet_inputs(vldm, batch=2, seed=seed)
         with strict_fp32(), torch.no_grad():
             reference = vldm.unet(x, log_snr, cond)
-        assert relative_error(fast(x, log_snr, cond), reference) < UNET_EPS_TOLERANCE
+        assert relative_error(fast(x, log_snr, cond), reference) < tolerance
 
 
 def truncated_plms(vldm, latents, features, noise_levels, model):
@@ -112,14 +110,16 @@ def truncated_plms(vldm, latents, features, noise_levels, model):
     return vldm.denoise(latents, features, noise_levels, model=model, generator=generator)[0]
 
 
-# Five scenes finishing at different steps: the batch shrinks 5, 4, 3, 2, 1 and the padded UNet runs at
-# 5, 4, 4 (one row padded), 2, 1. 0.99 is upstream's restart: the full 50 steps from t = 1.
-GROUPED_NOISE_LEVELS = [0.2, 0.4, 0.6, 0.8, 0.99]
+# Five scenes of 10, 20, 30, 40 and 50 steps: the batch shrinks 5, 4, 3, 2, 1 and the padded UNet runs at
+# 5, 4, 4 (one row padded), 2, 1. Nothing above 0.5: from high noise x̂_0 is mostly the UNet's own sample,
+# which bf16 moves by more (levels 0.1–0.9 gave 1.07e-2 on an H200; 0.99, upstream's restart from t = 1,
+# 2.6–5.8e-2 with the small UNet on the CPU), and the bound would have to grow past what a bug shows.
+GROUPED_NOISE_LEVELS = [0.1, 0.2, 0.3, 0.4, 0.5]
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["one-scene", "grouped"])
 def test_truncated_plms_with_the_graph_unet_stays_close_to_fp32(full_vldm, grouped):
-    noise_levels = GROUPED_NOISE_LEVELS if grouped else 0.6
+    noise_levels = GROUPED_NOISE_LEVELS if grouped else 0.5
     latents, _, features = unet_inputs(full_vldm, batch=len(noise_levels) if grouped else 2, seed=0)
     fast = unet_callable(full_vldm, "graph", DEVICE, max_batch=latents.shape[0] if grouped else None)
     with strict_fp32():
@@ -176,9 +176,11 @@ NERF_RAYS_SIDE = 64  # 64² rays × (64 stratified + 64 importance) samples, ups
     # Triton vs reference encoder: 1e-5 relative (tests/test_gridencoder.py); compositing and the
     # importance samples that follow the coarse weights pass it on with little gain.
     ("fp32", 1e-4, 1e-3),
-    # fp16 MLP: 11 significant bits (5e-4 per rounding) over 3 layers; bf16: 8 bits (4e-3).
-    ("fp16", 1e-2, 3e-2),
-    ("bf16", 5e-2, 1e-1),
+    # fp16 autocast (tests/test_nerf.py's, benchmarks/bench_nerf.py's; the distillation renders in fp32):
+    # the MLP keeps 11 significant bits, the render moves by ~5e-4 (measured on the CPU). The importance
+    # samples follow the fp16 coarse weights to slightly other points, and the few table rows each one
+    # touches get other gradients: the table's moves by ~1e-1 (1.3e-2 without importance samples).
+    ("fp16", 5e-3, 2e-1),
 ])
 def test_nerf_render_and_gradients_with_the_triton_encoder_match_the_fp32_reference(
         precision, render_tolerance, gradient_tolerance):
@@ -221,11 +223,17 @@ def random_vgg_lpips():
     return lpips_from_backbone({f"features.{key}": value for key, value in features.items()}, "vgg")
 
 
-def lpips_and_gradients(model, images, targets):
-    """Return (LPIPS distances (B,), their sum's gradient with respect to images (B, 3, H, W)), on the CPU."""
+def lpips_and_slope(model, images, targets):
+    """Return (LPIPS distances (B,), d/dα LPIPS(images + α·(images − targets)) at α = 0 (B,)), on the CPU.
+
+    The slope is the gradient's component along images − targets: how fast the distance falls as a render
+    (images) moves to its target, what the distillation's gradient step does. Pixel by pixel the gradient is
+    rough: max pooling and ReLUs route it by near-ties, and an input moved by 1e-6 moves it by ~10 %.
+    """
     images = images.clone().requires_grad_()
     distances = lpips_distance(model, images, targets)
-    return distances.detach().cpu(), torch.autograd.grad(distances.sum(), images)[0].cpu()
+    gradient = torch.autograd.grad(distances.sum(), images)[0]
+    return distances.detach().cpu(), (gradient * (images - targets)).flatten(1).sum(1).detach().cpu()
 
 
 def test_lpips_on_cuda_matches_the_cpu():
@@ -233,9 +241,11 @@ def test_lpips_on_cuda_matches_the_cpu():
     targets = _synthetic_image(256).expand(3, -1, -1, -1)
     images = torch.cat([(targets[:1] + 0.05 * torch.randn_like(targets[:1])).clamp(0, 1),
                         F.avg_pool2d(targets[:1], 5, 1, 2), targets[:1].roll(7, dims=-1)])
-    distances, gradients = lpips_and_gradients(model, images, targets)
-    cuda_distances, cuda_gradients = lpips_and_gradients(model.to(DEVICE), images.to(DEVICE), targets.to(DEVICE))
-    # The distillation's LPIPS runs with PyTorch's defaults: TF32 convolutions, ~1e-3 (docs/vae.md).
-    assert (distances > 0).all()
-    assert ((cuda_distances - distances).abs() / distances).max() < 1e-2
-    assert relative_error(cuda_gradients, gradients) < 2e-2
+    distances, slopes = lpips_and_slope(model, images, targets)
+    cuda_distances, cuda_slopes = lpips_and_slope(model.to(DEVICE), images.to(DEVICE), targets.to(DEVICE))
+    # The distillation's LPIPS runs with PyTorch's defaults: TF32 convolutions, 10 significant bits.
+    # Emulated on the CPU (inputs and weights of every convolution rounded), they move distances and
+    # slopes by < 1e-3, with random or trained VGG weights.
+    assert (distances > 0).all() and (slopes > 0).all()
+    assert ((cuda_distances - distances).abs() / distances).max() < 5e-3
+    assert ((cuda_slopes - slopes).abs() / slopes).max() < 1e-2
