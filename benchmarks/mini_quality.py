@@ -149,7 +149,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="demo processes at a time")
     parser.add_argument("--table_only", action="store_true", help="only summarise the runs that exist")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="DemoConfig fields for every run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value settings may come before and after the options
     failed = [] if args.table_only else run_all(args)
     result = table(args)
     write_json({"categories": args.categories, "methods": args.methods, "scenes": args.scenes, "seeds": args.seeds,
