@@ -141,14 +141,19 @@ def phase_iterations(config, count):
     return list(range(min(count, start))), list(range(start, start + count))
 
 
+def unet_inputs(models, device):
+    """Return random (latents (1, C, h, w), log_snr (1,), EFT features (1, Cc, h, w)) at the models' latent size."""
+    c = models.vldm.config.unet
+    side = models.image_size // models.latent_stride
+    return (torch.randn(1, c.channels, side, side, device=device), torch.zeros(1, device=device),
+            torch.randn(1, c.cond_images_channels, side, side, device=device))
+
+
 def component_ms(models, scene, device, repeats):
     """Return {unet_ms, vae_encode_ms, vae_decode_ms, lpips_ms} at batch 1 (one image of the scene)."""
     image = scene.images[:1]
-    latents = models.codec.encode_images(image)
+    latents, log_snr, features = unet_inputs(models, device)
     unet = models.unet or models.vldm.unet
-    c = models.vldm.config.unet
-    features = torch.randn(1, c.cond_images_channels, *latents.shape[-2:], device=device)
-    log_snr = torch.zeros(1, device=device)
     with torch.no_grad():
         calls = {"unet_ms": lambda: unet(latents, log_snr, features),
                  "vae_encode_ms": lambda: models.codec.encode_images(image),
@@ -158,17 +163,14 @@ def component_ms(models, scene, device, repeats):
         return {name: 1e3 * median_seconds(fn, device, repeats, warmup=3) for name, fn in calls.items()}
 
 
-def nerf_step_ms(run, device, repeats):
-    """Return the ms of one context step of a Distillation: render train_rays², loss, backward, Adam."""
-    return 1e3 * median_seconds(lambda: run.descend(run.context_terms()["total"]), device, repeats, warmup=3)
+def context_step(run):
+    """Run one context step of a Distillation: render train_rays², loss, backward, Adam."""
+    run.descend(run.context_terms()["total"])
 
 
 def first_unet_call_s(models, device):
     """Return the seconds of the UNet path's first batch-1 call: compilation and graph capture included."""
-    c = models.vldm.config.unet
-    side = models.image_size // models.latent_stride
-    inputs = (torch.randn(1, c.channels, side, side, device=device), torch.zeros(1, device=device),
-              torch.randn(1, c.cond_images_channels, side, side, device=device))
+    inputs = unet_inputs(models, device)
     synchronize(device)
     start = time.perf_counter()
     (models.unet or models.vldm.unet)(*inputs)
@@ -187,7 +189,7 @@ def one_scene(config, models, prepared, path, args, work):
     run = distillation(replace(models, unet=counted), prepared)
     synchronize(device)
     row["eft_cache_s"] = time.perf_counter() - start
-    row["nerf_step_ms"] = nerf_step_ms(run, device, args.repeats)
+    row["nerf_step_ms"] = 1e3 * median_seconds(lambda: context_step(run), device, args.repeats, warmup=3)
     bootstrap, guided = phase_iterations(run.config, args.warmup + args.timed)
     row["bootstrap_iteration_s"] = mean_iteration_s(run, bootstrap, args.warmup, device)
     calls_before = counted.calls
@@ -197,7 +199,7 @@ def one_scene(config, models, prepared, path, args, work):
     row["diffusion_iteration_s"] = (row["diffusion_iteration_measured_s"]
                                     + (expected - row["unet_calls_per_iteration_seen"]) * row["unet_ms"] / 1e3)
     if args.profile and path == args.batched_path:
-        print_profile("NeRF step (context)", lambda: run.descend(run.context_terms()["total"]), device)
+        print_profile("NeRF step (context)", lambda: context_step(run), device)
         print_profile("diffusion iteration", lambda: run.step(guided[-1]), device)
     start = time.perf_counter()
     label = prepared[0]
