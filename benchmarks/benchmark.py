@@ -9,8 +9,9 @@ synthetic hydrant scene of 32 views at 256², 2 input views, upstream's settings
 --mini: the shipped mini models and configs/mini_demo.yaml. Random weights make the pictures
 meaningless but not the times: every network has its size and every stage runs.
 
-For each UNet path (--paths; demo.py's --unet: eager = the fp32 module, upstream's numerics; graph;
-compile), on one Distillation (demo.py's code, not a copy):
+For each UNet path (--paths; demo.py's --unet: eager = the fp32 module, upstream's numerics, with the
+NeRF steps eager too (distill.nerf_graphs=false); graph; compile), on one Distillation (demo.py's code,
+not a copy):
 - components: the UNet per call at batch 1 (first call, with compilation and graph capture, apart);
   the VAE's encode and decode of one 256² image; LPIPS of one pair; one NeRF step (the context step:
   render train_rays², loss, backward, Adam);
@@ -18,6 +19,8 @@ compile), on one Distillation (demo.py's code, not a copy):
   iteration, the final phase (finish_scene: renders of every view, metrics, GIFs, mesh);
 - the scene time, extrapolated: cache + B·bootstrap + G·diffusion + final, B = fusion_start + 1 and
   G = iterations − B (upstream: 1001 and 1999).
+The NeRF step also alone, under each of NERF_VARIANTS: eager, replayed from CUDA graphs, and graphs with
+the MLP in bf16 (distill.nerf_precision).
 Iterations are timed after --warmup untimed ones, the device synchronised around them. All paths draw
 the same noise levels (one seed), but --timed iterations cannot hold the noise levels' mean, so the
 diffusion iteration is corrected to the mean number of UNet calls of upstream's distribution (about
@@ -26,7 +29,8 @@ diffusion iteration is corrected to the mean number of UNet calls of upstream's 
 Batched modes, fast path (--batched_path), extrapolated the same way:
 - --scenes_at_once N: N scenes in lockstep (sparsefusion/multi_scene.py); scenes per hour =
   3600·N / (N·(cache + final) + B·bootstrap_N + G·diffusion_N), and peak GPU memory;
-- distill.views_per_step=K with both phases divided by K (docs/demo.md): seconds per scene.
+- distill.views_per_step=K (docs/demo.md): seconds per scene with both phases divided by K, and with the
+  diffusion phase alone divided by K.
 Needs ImageNet VGG16 weights for LPIPS (or SPARSEFUSION_VGG16), as demo.py.
 """
 
@@ -111,6 +115,9 @@ def setting(args, work):
     return config, models, prepare_scene(scene, 0, config.input_views, config.distill, device, config.seed, None)
 
 
+NERF_VARIANTS = {"eager": {"nerf_graphs": False}, "graphs": {}, "graphs_bf16": {"nerf_precision": "bf16"}}
+
+
 def distillation(models, prepared, seed=0, **changes):
     """Return a Distillation of the prepared scene (prepare_scene's), its DistillConfig with changes."""
     _, inputs, distill, scene = prepared
@@ -186,7 +193,7 @@ def one_scene(config, models, prepared, path, args, work):
     row.update(component_ms(models, prepared[3], device, args.repeats))
     counted = CountedCalls(models.unet or models.vldm.unet)
     start = time.perf_counter()
-    run = distillation(replace(models, unet=counted), prepared)
+    run = distillation(replace(models, unet=counted), prepared, **NERF_VARIANTS["eager" if path == "eager" else "graphs"])
     synchronize(device)
     row["eft_cache_s"] = time.perf_counter() - start
     row["nerf_step_ms"] = 1e3 * median_seconds(lambda: context_step(run), device, args.repeats, warmup=3)
@@ -210,6 +217,17 @@ def one_scene(config, models, prepared, path, args, work):
     return row
 
 
+def nerf_step_variants(models, prepared, args):
+    """Return {variant: ms} of the NeRF (context) step under each of NERF_VARIANTS."""
+    device = torch.device(args.device)
+    times = {}
+    for name, changes in NERF_VARIANTS.items():
+        run = distillation(models, prepared, **changes)
+        times[name] = 1e3 * median_seconds(lambda: context_step(run), device, args.repeats, warmup=3)
+        print(f"NeRF step, {name}: {times[name]:.2f} ms", flush=True)
+    return times
+
+
 def print_profile(title, fn, device, rows=15):
     """Print the kernels taking the most device time over 3 calls of fn (after one untimed call)."""
     fn()
@@ -228,11 +246,12 @@ def fixed_s(row):
     return row["eft_cache_s"] + row["final_phase_s"]
 
 
-def phases_s(distill, row, scale=1):
-    """Return ⌈B/scale⌉·bootstrap + ⌈G/scale⌉·diffusion iteration seconds, B = fusion_start + 1, G = the rest."""
+def phases_s(distill, row, scale=1, bootstrap_scale=None):
+    """Return ⌈B/bootstrap_scale⌉·bootstrap + ⌈G/scale⌉·diffusion iteration seconds, B = fusion_start + 1, G = the
+    rest; bootstrap_scale defaults to scale."""
     bootstrap = distill.fusion_start + 1
     guided = distill.iterations - bootstrap
-    return (math.ceil(bootstrap / scale) * row["bootstrap_iteration_s"]
+    return (math.ceil(bootstrap / (bootstrap_scale or scale)) * row["bootstrap_iteration_s"]
             + math.ceil(guided / scale) * row["diffusion_iteration_s"])
 
 
@@ -280,12 +299,14 @@ def iteration_times(stepper, args):
 
 
 def views_per_step(models, prepared, fixed, args):
-    """Return a row per K of --views_per_step: iteration times and the scene's seconds with both phases divided by K."""
+    """Return a row per K of --views_per_step: iteration times and the scene's seconds with both phases divided by K
+    (scene_s) and with the diffusion phase alone divided by K (scene_diffusion_divided_s)."""
     rows = []
     for k in args.views_per_step:
         run = distillation(models, prepared, views_per_step=k)
         row = {"views_per_step": k, **iteration_times(run, args)}
         row["scene_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k)
+        row["scene_diffusion_divided_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k, bootstrap_scale=1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -310,8 +331,11 @@ def print_summary(results):
     for row in results["scenes_at_once"]:
         memory = f", peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else ""
         print(f"{row['scenes_at_once']:3d} scenes at once: {row['scenes_per_hour']:.1f} scenes/hour{memory}")
+    print("NeRF step, ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in results["nerf_step_ms"].items()))
     for row in results["views_per_step"]:
-        print(f"{row['views_per_step']:3d} views per step, phases / {row['views_per_step']}: {row['scene_s']:.1f} s/scene")
+        k = row["views_per_step"]
+        print(f"{k:3d} views per step: phases / {k}: {row['scene_s']:.1f} s/scene; diffusion phase / {k}: "
+              f"{row['scene_diffusion_divided_s']:.1f} s/scene")
 
 
 def main(argv=None):
@@ -332,6 +356,7 @@ def main(argv=None):
                "image_size": config.image_size, "iterations": config.distill.iterations,
                "fusion_start": config.distill.fusion_start, "warmup": args.warmup, "timed": args.timed,
                "batched_timed": args.batched_timed, "batched_path": args.batched_path, "one_scene": rows,
+               "nerf_step_ms": nerf_step_variants(models, prepared, args),
                "scenes_at_once": scenes_at_once(models, prepared, fast, args),
                "views_per_step": views_per_step(models, prepared, fast, args)}
     print_summary(results)

@@ -21,5 +21,6 @@ while IFS= read -r line; do
   OMP_NUM_THREADS=1 python3 benchmarks/mini_quality.py --out output/settings/$name --methods sparsefusion --views 2 \
     --jobs 16 scenes_at_once=10 baselines=false $overrides > output/settings/$name.log 2>&1
   echo "== $name ($overrides): exit $? in $(( $(date +%s) - begin )) s"; grep "(c)" output/settings/$name.log
+  # after every setting, so that a call cut short keeps the settings it finished
+  tar cf $OUT/settings.tar output/settings/*.log output/settings/*/quality.* output/settings/*/runs/*/*/metrics
 done <<< "$SETTINGS"
-tar cf $OUT/settings.tar output/settings/*.log output/settings/*/quality.* output/settings/*/runs/*/*/metrics

@@ -20,7 +20,8 @@ choices and noise levels from a CPU generator, ray jitter and PLMS noise from a 
 and the draws that take no generator (the NeRF's initialisation, the EFT's dropout while caching)
 from the global generators seeded with it and restored afterwards.
 
-The hot loop keeps fixed shapes and makes no host synchronisation except every log_every iterations.
+The hot loop keeps fixed shapes and makes no host synchronisation except every log_every iterations; on
+CUDA its NeRF renders and Adam steps replay CUDA graphs (sparsefusion/nerf_steps.py, nerf_graphs).
 """
 
 import math
@@ -39,11 +40,14 @@ from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
 from sparsefusion.external.nerf_renderer import NeRFRenderConfig
 from sparsefusion.guidance import DiffusionGuidance
 from sparsefusion.losses import mean_huber, opacity_term
+from sparsefusion.nerf_steps import NeRFSteps, nerf_optimizer
+from sparsefusion.precision import autocast
 from sparsefusion.rays import grid_rays, grid_xy
 from sparsefusion.relative_cameras import relative_cameras
 
 
 METHODS = ("sparsefusion", "inputs_only")
+NERF_PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -76,6 +80,10 @@ class DistillConfig:
                                        # many iterations (the history keeps every iteration)
     precision: str = "fp32"            # "fp32", or "bf16": autocast of the VLDM's UNet in the guidance (the VAE
                                        # and LPIPS stay fp32; sparsefusion.precision)
+    nerf_precision: str = "fp32"       # "fp32", or "bf16": autocast of the NeRF's MLP in the training renders (the
+                                       # grid encoder and the compositing stay fp32; docs/demo.md, "Speed")
+    nerf_graphs: bool = True           # on CUDA, replay the NeRF's training renders and Adam steps from CUDA graphs
+                                       # (sparsefusion/nerf_steps.py: the eager step's result, without its launches)
     nerf: NeRFConfig = field(default_factory=NeRFConfig)
     nerf_render: NeRFRenderConfig = field(default_factory=NeRFRenderConfig)
     features: FeatureRenderConfig = field(default_factory=FeatureRenderConfig)
@@ -146,6 +154,7 @@ class Distillation:
         """
         self.config = cfg = config or DistillConfig()
         check_choice("DistillConfig.method", cfg.method, METHODS)
+        check_choice("DistillConfig.nerf_precision", cfg.nerf_precision, NERF_PRECISIONS)
         self.models, self.images, self.masks = models, images, masks
         self.input_index = torch.as_tensor(input_index, dtype=torch.long)
         self.device = images.device
@@ -162,8 +171,11 @@ class Distillation:
             self.cache = feature_cache(models.eft, self.cameras.augmented, self.input_index,
                                        images[self.input_index], self.near, self.far, config=cfg.features)
         self.bootstrap_masks = (self.cache.eft_images.mean(dim=1, keepdim=True) > cfg.bootstrap_threshold).float()
-        self.optimizer = torch.optim.Adam(self.nerf.get_params(cfg.lr), lr=cfg.lr)
+        graphed = uses_graphs(cfg, self.device)
+        self.optimizer = nerf_optimizer(self.nerf.get_params(cfg.lr), cfg.lr, graphed)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
+        self.steps = NeRFSteps(self.render_index, self.nerf.parameters(), self.optimizer, [self.device_generator],
+                               graphed)
         # Per camera, then stacked: a batched computation could differ in the last bits on CUDA.
         rays = [nerf_rays(self.cameras.augmented[i], cfg.train_rays, cfg.image_size) for i in range(n_cached)]
         self.train_rays = tuple(torch.cat(parts) for parts in zip(*rays))  # (rays_o, rays_d), each (V, n², 3)
@@ -173,14 +185,14 @@ class Distillation:
     def render_train(self, *views):
         """Return (images (K, 3, s, s), silhouettes (K, 1, s, s)) of augmented cameras views (K ints), s = train_rays.
 
-        The K cameras' rays go through the NeRF in one call.
+        The K cameras' rays go through the NeRF in one call (a graph replay with nerf_graphs on CUDA).
         """
-        rays_o, rays_d = (rays[list(views)] for rays in self.train_rays)
-        out = self.nerf.render(rays_o, rays_d, config=self.config.nerf_render, perturb=True, bg_color=0.0,
-                               generator=self.device_generator)
-        side = self.config.train_rays
-        return (out["image"].reshape(-1, side, side, 3).permute(0, 3, 1, 2),
-                out["weights_sum"].reshape(-1, 1, side, side))
+        return self.steps.render(list(views))
+
+    def render_index(self, index):
+        """Return render_train's renders of the augmented cameras index (K,), a tensor on the device."""
+        rays_o, rays_d = (rays.index_select(0, index) for rays in self.train_rays)
+        return train_renders(self.nerf, rays_o, rays_d, self.config, self.device_generator)
 
     def context_view(self):
         """Return the input view of a context step: the first of a permutation of the input views, as upstream."""
@@ -248,10 +260,8 @@ class Distillation:
         return terms
 
     def descend(self, loss):
-        """Take one Adam step on loss (a scalar with a graph)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        """Take one Adam step on loss, a scalar of the last render_train's renders."""
+        self.steps.descend(loss)
 
     def step(self, iteration):
         """Run one iteration (context step, then fusion step); return every loss term, detached 0-d tensors.
@@ -284,6 +294,24 @@ class Distillation:
             silhouettes.append(out["weights_sum"].reshape(1, 1, size, size))
         self.nerf.train()
         return torch.cat(images), torch.cat(silhouettes)
+
+
+def uses_graphs(config, device):
+    """Return whether a distillation of config on device replays its NeRF steps from CUDA graphs."""
+    return config.nerf_graphs and device.type == "cuda"
+
+
+def train_renders(nerf, rays_o, rays_d, config, generator):
+    """Return (images (K, 3, s, s), silhouettes (K, 1, s, s)): a training render of rays (K, s², 3), s = train_rays.
+
+    Jittered samples drawn from generator (one, or one per scene of a StackedNeRF), black background, the
+    MLP under config.nerf_precision.
+    """
+    with autocast(rays_o.device, config.nerf_precision):
+        out = nerf.render(rays_o, rays_d, config=config.nerf_render, perturb=True, bg_color=0.0, generator=generator)
+    side = config.train_rays
+    return (out["image"].reshape(-1, side, side, 3).permute(0, 3, 1, 2),
+            out["weights_sum"].reshape(-1, 1, side, side))
 
 
 def upsampled(images, silhouettes, size):

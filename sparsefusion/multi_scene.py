@@ -28,14 +28,16 @@ differences of batched kernels (tests/test_multi_scene.py checks this).
 
 import torch
 
-from sparsefusion.distill import History, run_iterations, upsampled
+from sparsefusion.distill import History, run_iterations, train_renders, upsampled, uses_graphs
 from sparsefusion.external.nerf_network import StackedNeRF
 from sparsefusion.guidance import DiffusionGuidance, scene_losses
+from sparsefusion.nerf_steps import NeRFSteps, nerf_optimizer
 
 # DistillConfig fields that must agree between the scenes of one lockstep run (the rest may differ, e.g. the
 # silhouette weight of a scene without masks)
 LOCKSTEP_FIELDS = ("method", "iterations", "lr", "lr_step", "lr_gamma", "fusion_start", "views_per_step",
-                   "perceptual_start", "train_rays", "image_size", "log_every", "precision", "nerf", "nerf_render")
+                   "perceptual_start", "train_rays", "image_size", "log_every", "precision", "nerf_precision", "nerf",
+                   "nerf_render")
 
 
 class MultiSceneDistillation:
@@ -59,29 +61,37 @@ class MultiSceneDistillation:
         if cfg.method == "sparsefusion" and not all(isinstance(s.guidance, DiffusionGuidance) for s in self.scenes):
             raise ValueError("scenes distilled at once need DiffusionGuidance (scene_losses batches it)")
         self.nerf = StackedNeRF([scene.nerf for scene in self.scenes])
-        self.optimizer = torch.optim.Adam(self.nerf.get_params(cfg.lr), lr=cfg.lr)
+        graphed = uses_graphs(cfg, self.device)
+        self.optimizer = nerf_optimizer(self.nerf.get_params(cfg.lr), cfg.lr, graphed)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
         self.device_generators = [scene.device_generator for scene in self.scenes]
+        self.steps = NeRFSteps(self.render_index, self.nerf.parameters(), self.optimizer, self.device_generators,
+                               graphed)
+        # every scene's cached cameras' rays in one table, scene s's from row first_rows[s]
+        self.train_rays = tuple(torch.cat([scene.train_rays[i] for scene in self.scenes]) for i in range(2))
+        self.first_rows = torch.tensor([0] + [len(scene.train_rays[0]) for scene in self.scenes]).cumsum(0).tolist()
+        for scene, first, end in zip(self.scenes, self.first_rows, self.first_rows[1:]):
+            scene.train_rays = tuple(rays[first:end] for rays in self.train_rays)  # views: the rays are held once
 
     def render_train(self, views):
         """Return per scene (images (K, 3, s, s), silhouettes (K, 1, s, s)) of its augmented cameras views[s] (K ints).
 
-        All S·K cameras' rays go through the stacked NeRF in one call, s = train_rays.
+        All S·K cameras' rays go through the stacked NeRF in one call (a graph replay with nerf_graphs on
+        CUDA), s = train_rays.
         """
-        rays_o, rays_d = (torch.cat([scene.train_rays[i][chosen] for scene, chosen in zip(self.scenes, views)])
-                          for i in range(2))  # each (S·K, n², 3)
-        out = self.nerf.render(rays_o, rays_d, config=self.config.nerf_render, perturb=True, bg_color=0.0,
-                               generator=self.device_generators)
-        side, scenes = self.config.train_rays, len(self.scenes)
-        images = out["image"].reshape(-1, side, side, 3).permute(0, 3, 1, 2)  # (S·K, 3, s, s)
-        silhouettes = out["weights_sum"].reshape(-1, 1, side, side)
+        rows = [first + view for first, chosen in zip(self.first_rows, views) for view in chosen]
+        images, silhouettes = self.steps.render(rows)  # (S·K, 3, s, s), (S·K, 1, s, s)
+        scenes = len(self.scenes)
         return list(zip(images.chunk(scenes), silhouettes.chunk(scenes)))
+
+    def render_index(self, index):
+        """Return the renders (S·K, ...) of rows index (S·K,) of the stacked ray table, scene s's the s-th block."""
+        rays_o, rays_d = (rays.index_select(0, index) for rays in self.train_rays)  # each (S·K, n², 3)
+        return train_renders(self.nerf, rays_o, rays_d, self.config, self.device_generators)
 
     def descend(self, losses):
         """Take one Adam step on the sum of the scenes' losses (S scalars)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
-        self.optimizer.step()
+        self.steps.descend(torch.stack(losses).sum())
 
     def step(self, iteration):
         """Run one iteration of every scene; return per scene its Distillation.step terms (detached 0-d tensors)."""

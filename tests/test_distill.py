@@ -19,6 +19,7 @@ from sparsefusion.eft_render import FeatureRenderConfig
 from sparsefusion.guidance import DiffusionGuidance
 from sparsefusion.losses import mean_huber, opacity_term
 from sparsefusion.models import Models
+from sparsefusion.nerf_steps import NeRFSteps
 from sparsefusion.vae import LatentCodec
 from sparsefusion.vldm import VLDM, VLDMConfig
 
@@ -300,6 +301,34 @@ def test_a_nerf_fitted_by_the_loop_reproduces_its_context_views(scene):
     assert min(psnr(INPUTS)) > 30, psnr(INPUTS)
     assert max(psnr([1, 2, 4, 5])) < 25  # the novel views it never saw stay far off
     assert "fusion" not in history.rows[-1]
+
+
+def test_the_nerf_precision_runs_the_mlp_in_bf16_and_stays_close_to_fp32(scene):
+    """nerf_precision bf16: the training render's MLP runs in bf16 (the renders differ from fp32's), the grid
+    and compositing in fp32 (they differ by bf16's rounding of the MLP, not more), and the gradients reach the
+    fp32 parameters."""
+    renders = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        d = distillation(scene, fake_models(), small_config(nerf_precision=precision), seed=3)
+        images, silhouettes = d.render_train(0, 4)
+        d.descend(images.sum() + silhouettes.sum())
+        renders[precision] = images.detach()
+        assert images.dtype == torch.float32
+        assert all(p.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in d.nerf.parameters())
+    error = ((renders["bf16"] - renders["fp32"]).norm() / renders["fp32"].norm()).item()
+    assert 1e-5 < error < 2e-2, error
+
+
+def test_an_unknown_nerf_precision_is_refused(scene):
+    with pytest.raises(ValueError, match="nerf_precision"):
+        distillation(scene, fake_models(), small_config(nerf_precision="fp16"))
+
+
+def test_nerf_steps_need_cuda_for_graphs():
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="CUDA graphs need the NeRF on a CUDA device"):
+        NeRFSteps(lambda index: (parameter * index,), [parameter], torch.optim.Adam([parameter]), graphed=True)
 
 
 def test_history_reads_the_device_once_per_flush_and_keeps_absent_terms_apart():

@@ -12,6 +12,8 @@ The fast paths, and where their other tests live:
   encoder alone with the reference; tests/test_nerf.py renders a small NeRF under autocast.
 - VAE: LatentCodec's bf16 autocast and channels_last. tests/test_vae.py compares bf16 (NCHW) at full size.
 - LPIPS: no fast path; on CUDA it runs in fp32 with PyTorch's default TF32 convolutions.
+- NeRF steps (sparsefusion/nerf_steps.py): the distillation's training renders and Adam steps replayed
+  from CUDA graphs, one scene and several at once, against the eager distillation.
 
 References run in strict fp32 (TF32 off), the fast paths as they run in the distillation. Errors are
 relative L2 errors (benchmarks/measures.py's, as docs/vldm.md, docs/vae.md and docs/nerf.md report them).
@@ -19,6 +21,7 @@ Every test needs CUDA; without it the whole module is skipped.
 """
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,11 +32,16 @@ from benchmarks.measures import relative_error
 from sparsefusion.external.autoencoder_kl import AutoencoderKL
 from sparsefusion.external.nerf_network import NeRFConfig, NeRFNetwork
 from sparsefusion.fast_unet import FastPathConfig, fast_unet
-from sparsefusion.models import UNET_PATHS, unet_callable
+from sparsefusion.data.synthetic import render_synthetic_scene
+from sparsefusion.distill import Distillation, run_distillation
+from sparsefusion.models import UNET_PATHS, Models, unet_callable
+from sparsefusion.multi_scene import MultiSceneDistillation, run_multi_scene
 from sparsefusion.perceptual import lpips_distance, lpips_from_backbone
 from sparsefusion.precision import autocast
 from sparsefusion.vae import LatentCodec, LatentCodecConfig
 from sparsefusion.vldm import VLDM
+from tests.test_distill import INPUTS, SIZE, RecordingCodec, SquaredLPIPS, small_config, tiny_eft
+from tests.test_multi_scene import SEEDS, RecordingVLDM, conditioned_eps
 from tests.test_nerf import look_at_rays
 from tests.test_perceptual import _synthetic_image
 from tests.test_vldm import inputs, randomise_final_conv, small_vldm
@@ -193,6 +201,55 @@ def test_nerf_render_and_gradients_with_the_triton_encoder_match_the_fp32_refere
     for name, gradient in reference_gradients.items():
         assert gradient.abs().max() > 0, name
         assert relative_error(gradients[name], gradient) < gradient_tolerance, name
+
+
+def cuda_models():
+    """test_multi_scene's small models (a real small VLDM, stand-ins for the rest) on the GPU."""
+    torch.manual_seed(0)
+    return Models(eft=tiny_eft().to(DEVICE), codec=RecordingCodec().to(DEVICE), vldm=RecordingVLDM().to(DEVICE),
+                  unet=conditioned_eps, lpips=SquaredLPIPS().to(DEVICE))
+
+
+def distill_on_cuda(scenes, config, together):
+    """Return (histories, NeRF state dicts, the NeRFSteps) of scenes distilled on the GPU, at once or one by one."""
+    models = cuda_models()
+    runs = [Distillation(models, scene.cameras, scene.images, scene.masks, INPUTS, config, seed=seed)
+            for scene, seed in zip(scenes, SEEDS)]
+    if together:
+        multi = MultiSceneDistillation(runs)
+        histories, _ = run_multi_scene(multi)
+        steps = [multi.steps]
+    else:
+        histories = [run_distillation(run)[0] for run in runs]
+        steps = [run.steps for run in runs]
+    return histories, [run.nerf.state_dict() for run in runs], steps
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one-scene", "scenes-at-once"])
+def test_graphed_nerf_steps_follow_the_eager_distillation(together):
+    """nerf_graphs on against off: every loss term of every iteration (bootstrap and guided) and the final NeRFs.
+
+    Context steps render one camera, fusion steps two: two kinds of render, each warmed up twice, then
+    captured and replayed; StepLR changes the learning rate after 5 context steps, so the graphs are
+    captured again. Tolerance: the graphed step runs fused capturable Adam where the eager one runs the
+    foreach Adam, and the Triton encoder's atomic adds sum in varying order; both move values by ~1e-7.
+    A replay drawing other jitter, or reading stale rays or gradients, moves the loss terms by 1e-2 or more.
+    """
+    scenes = [render_synthetic_scene("hydrant", seed, n_views=6, image_hw=(SIZE, SIZE)).to_scene().to(DEVICE)
+              for seed in (3, 4)]
+    config = small_config(iterations=10, fusion_start=3, perceptual_start=6, views_per_step=2, lr_step=5,
+                          nerf=replace(small_config().nerf, grid_backend="triton"))
+    eager, eager_nerfs, eager_steps = distill_on_cuda(scenes, replace(config, nerf_graphs=False), together)
+    graphed, graphed_nerfs, graphed_steps = distill_on_cuda(scenes, config, together)
+    assert not any(steps.graphed for steps in eager_steps)
+    assert all(sorted(steps.captured) == [2 if together else 1, 4 if together else 2] for steps in graphed_steps)
+    for history_eager, history_graphed in zip(eager, graphed):
+        assert any("diffusion_l1" in row for row in history_eager.rows)
+        for row_eager, row_graphed in zip(history_eager.rows, history_graphed.rows, strict=True):
+            assert row_graphed == pytest.approx(row_eager, rel=1e-4, abs=1e-6)
+    for nerf_eager, nerf_graphed in zip(eager_nerfs, graphed_nerfs):
+        for name in nerf_eager:
+            torch.testing.assert_close(nerf_graphed[name], nerf_eager[name], rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
