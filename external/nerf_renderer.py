@@ -71,9 +71,29 @@ def alphas_from_density(density, deltas):
     return 1 - torch.exp(-deltas * density)
 
 
+class _PositiveCumprod(torch.autograd.Function):
+    """torch.cumprod over the last dimension of positive factors, with PyTorch's gradient for inputs without zeros.
+
+    PyTorch's cumprod backward first asks the device whether the input holds a zero, a host synchronisation
+    that a CUDA graph cannot hold (sparsefusion/nerf_steps.py); the transmittance's factors 1 − α + 1e−15
+    never are zero, so its no-zero branch, computed here unconditionally, is the gradient it would take.
+    """
+
+    @staticmethod
+    def forward(ctx, factors):
+        products = torch.cumprod(factors, dim=-1)
+        ctx.save_for_backward(factors, products)
+        return products
+
+    @staticmethod
+    def backward(ctx, grad):
+        factors, products = ctx.saved_tensors
+        return (products * grad).flip(-1).cumsum(-1).flip(-1) / factors
+
+
 def weights_from_alphas(alphas):
     """Return compositing weights α_i ∏_{j<i} (1 − α_j + 1e−15) (R, T) of opacities (R, T)."""
-    transmittance = torch.cumprod(1 - alphas + 1e-15, dim=-1)
+    transmittance = _PositiveCumprod.apply(1 - alphas + 1e-15)
     transmittance = torch.cat([torch.ones_like(transmittance[..., :1]), transmittance[..., :-1]], dim=-1)
     return alphas * transmittance
 

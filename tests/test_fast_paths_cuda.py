@@ -182,8 +182,9 @@ NERF_RAYS_SIDE = 64  # 64² rays × (64 stratified + 64 importance) samples, ups
 
 @pytest.mark.parametrize("precision,render_tolerance,gradient_tolerance", [
     # Triton vs reference encoder: 1e-5 relative (tests/test_gridencoder.py); compositing and the
-    # importance samples that follow the coarse weights pass it on with little gain.
-    ("fp32", 1e-4, 1e-3),
+    # importance samples that follow the coarse weights pass it on, the table's gradient the most: its
+    # rows are those the slightly moved samples touch (measured on an H200: 1.4e-3).
+    ("fp32", 1e-4, 5e-3),
     # fp16 autocast (tests/test_nerf.py's, benchmarks/bench_nerf.py's; the distillation renders in fp32):
     # the MLP keeps 11 significant bits, the render moves by ~5e-4 (measured on the CPU). The importance
     # samples follow the fp16 coarse weights to slightly other points, and the few table rows each one

@@ -103,6 +103,25 @@ def test_weights_of_constant_opacity_are_geometric():
     assert torch.allclose(weights_from_alphas(alphas)[0], expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("alpha_high", [0.9, 1.0])  # 1.0: opaque samples, factors 1e-15, products underflowing to 0
+def test_weights_take_pytorchs_cumprod_gradient_without_a_host_sync(alpha_high):
+    """The transmittance's own cumprod (capturable in a CUDA graph) has torch.cumprod's values and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    alphas = torch.rand(5, 40, generator=generator) * alpha_high
+    alphas[:, 10:15] = alpha_high
+    cotangent = torch.randn(5, 40, generator=generator)
+    ours = alphas.clone().requires_grad_()
+    theirs = alphas.clone().requires_grad_()
+    reference = theirs * torch.cat([torch.ones(5, 1), torch.cumprod(1 - theirs + 1e-15, dim=-1)[:, :-1]], dim=-1)
+    (weights_from_alphas(ours) * cotangent).sum().backward()
+    (reference * cotangent).sum().backward()
+    assert torch.equal(weights_from_alphas(alphas), reference.detach())
+    assert torch.isfinite(ours.grad).all()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=0)
+    double = torch.rand(2, 6, dtype=torch.float64, generator=generator).requires_grad_()
+    assert torch.autograd.gradcheck(weights_from_alphas, (double,))
+
+
 def closed_form_slab(sigma, near, far, enter, leave):
     """Opacity and upstream's normalised depth of a slab of density sigma between ray depths enter and leave."""
     length = leave - enter
