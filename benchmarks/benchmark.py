@@ -75,7 +75,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mini", action="store_true", help="the shipped mini models and configs/mini_demo.yaml")
-    parser.add_argument("--paths", default="eager,graph,compile", help="UNet paths (demo.py --unet), comma-separated")
+    parser.add_argument("--paths", default="eager,graph,compile",
+                        help="UNet paths (demo.py --unet), comma-separated; none: the NeRF step variants only")
     parser.add_argument("--batched_path", default="graph", help="UNet path of the batched modes")
     parser.add_argument("--scenes_at_once", type=int, nargs="*", default=[1, 4, 8, 16, 32])
     parser.add_argument("--views_per_step", type=int, nargs="*", default=[4, 8, 16])
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="demo.py settings, e.g. distill.nerf.grid_backend=torch (upstream's encoder)")
     args = parser.parse_args(argv)
-    args.paths = args.paths.split(",")
+    args.paths = [path for path in args.paths.split(",") if path != "none"]
     return args
 
 
@@ -347,7 +348,7 @@ def main(argv=None):
     rows = [one_scene(config, models, prepared, path, args, work) for path in args.paths]
     for row in rows:
         print(json.dumps(row), flush=True)
-    fast = next((row for row in rows if row["path"] == args.batched_path), rows[-1])
+    fast = next((row for row in rows if row["path"] == args.batched_path), rows[-1] if rows else None)
     models = batched_models(models, args)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "python": platform.python_version(),
@@ -357,8 +358,8 @@ def main(argv=None):
                "fusion_start": config.distill.fusion_start, "warmup": args.warmup, "timed": args.timed,
                "batched_timed": args.batched_timed, "batched_path": args.batched_path, "one_scene": rows,
                "nerf_step_ms": nerf_step_variants(models, prepared, args),
-               "scenes_at_once": scenes_at_once(models, prepared, fast, args),
-               "views_per_step": views_per_step(models, prepared, fast, args)}
+               "scenes_at_once": scenes_at_once(models, prepared, fast, args) if fast else [],
+               "views_per_step": views_per_step(models, prepared, fast, args) if fast else []}
     print_summary(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

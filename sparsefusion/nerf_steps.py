@@ -104,7 +104,9 @@ class NeRFSteps:
         self.renders[k] += 1
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         if k in self.captured and self.captured[k].lrs != lrs:
-            self.captured.clear()  # a scheduler changed the rates the graphs hold
+            # a scheduler changed the rates the graphs hold; their pool, released with them, cannot be reopened
+            self.captured.clear()
+            self.pool = torch.cuda.graph_pool_handle()
         if k not in self.captured and self.renders[k] > self.warmup:
             self.captured[k] = self._capture(k, lrs)
         return self.captured.get(k)
