@@ -15,6 +15,7 @@ import argparse
 import ast
 import json
 import platform
+from collections import Counter
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ from sparsefusion.external.imagen_unet import Unet, UnetConfig  # noqa: E402
 from sparsefusion.fast_unet import FastPathConfig, fast_unet  # noqa: E402
 from sparsefusion.sampling import denoise_plms_truncated  # noqa: E402
 from sparsefusion.schedule import cosine_log_snr, truncated_steps  # noqa: E402
-from measures import call_ms, relative_error, synchronize  # noqa: E402
+from benchmarks.measures import call_ms, relative_error, synchronize  # noqa: E402
 
 # name: (fast path, TF32 allowed)
 VARIANTS = {
@@ -108,10 +109,20 @@ def measure(name, model, inputs, latent, args, device, reference=None):
     return row
 
 
-def distillation_unet_calls(plms_steps=50):
-    """Return the mean UNet calls of one distillation step: max_thres ~ U[0, 0.99], n steps cost n + 1 calls."""
+def distillation_unet_calls(plms_steps=50, scenes=1):
+    """Return the mean UNet calls of one guided step of scenes distilled at once.
+
+    Each scene draws max_thres ~ U[0, 0.99]; n steps cost n + 1 calls, and scenes at once share their calls
+    (sampling.sample_plms_grouped), so a step costs the most any of them needs: E[max of scenes draws].
+    """
     grid = [0.99 * (i + 0.5) / 10000 for i in range(10000)]
-    return statistics.mean(truncated_steps(u, plms_steps) + 1 if truncated_steps(u, plms_steps) else 0 for u in grid)
+    calls = [truncated_steps(u, plms_steps) + 1 if truncated_steps(u, plms_steps) else 0 for u in grid]
+    counts = Counter(calls)
+    below, mean = 0, 0.0
+    for value in sorted(counts):  # P(max = value) = F(value)^S − F(value − 1)^S
+        mean += value * (((below + counts[value]) / len(grid)) ** scenes - (below / len(grid)) ** scenes)
+        below += counts[value]
+    return mean
 
 
 def main():

@@ -28,9 +28,11 @@ diffusion iteration is corrected to the mean number of UNet calls of upstream's 
 
 Batched modes, fast path (--batched_path), extrapolated the same way:
 - --scenes_at_once N: N scenes in lockstep (sparsefusion/multi_scene.py); scenes per hour =
-  3600·N / (N·(cache + final) + B·bootstrap_N + G·diffusion_N), and peak GPU memory;
+  3600·N / (N·(cache + final) + B·bootstrap_N + G·diffusion_N), and peak GPU memory; diffusion_N is
+  corrected as above to the expected UNet calls of N scenes sharing them (the most any of them needs:
+  about 47 for 2 scenes, 51 from 8 on) at the UNet's time at batch N;
 - distill.views_per_step=K (docs/demo.md): seconds per scene with both phases divided by K, and with the
-  diffusion phase alone divided by K.
+  diffusion phase alone divided by K (the guided iteration corrected at the UNet's time at batch K).
 Needs ImageNet VGG16 weights for LPIPS (or SPARSEFUSION_VGG16), as demo.py.
 """
 
@@ -143,18 +145,41 @@ def mean_iteration_s(stepper, iterations, warmup, device):
     return (time.perf_counter() - start) / (len(iterations) - warmup)
 
 
+def guided_iteration_s(stepper, counted, guided, warmup, device, unet_ms, expected_calls):
+    """Return the guided iteration's times: measured over guided after its first warmup, and corrected.
+
+    A few iterations cannot hold the noise levels' distribution, so the mean time is corrected to the
+    expected UNet calls per iteration: + (expected − seen) · unet_ms. counted: the UNet, counting its calls.
+    """
+    for iteration in guided[:warmup]:
+        stepper.step(iteration)
+    before = counted.calls
+    measured = mean_iteration_s(stepper, guided[warmup:], 0, device)
+    seen = (counted.calls - before) / len(guided[warmup:])
+    return {"diffusion_iteration_measured_s": measured, "unet_calls_per_iteration_seen": seen,
+            "unet_calls_per_iteration_expected": expected_calls,
+            "diffusion_iteration_s": measured + (expected_calls - seen) * unet_ms / 1e3}
+
+
 def phase_iterations(config, count):
     """Return (bootstrap iterations, guided iterations): count of each, the guided ones after fusion_start."""
     start = config.fusion_start + 1
     return list(range(min(count, start))), list(range(start, start + count))
 
 
-def unet_inputs(models, device):
-    """Return random (latents (1, C, h, w), log_snr (1,), EFT features (1, Cc, h, w)) at the models' latent size."""
+def unet_inputs(models, device, batch=1):
+    """Return random (latents (B, C, h, w), log_snr (B,), EFT features (B, Cc, h, w)) at the models' latent size."""
     c = models.vldm.config.unet
     side = models.image_size // models.latent_stride
-    return (torch.randn(1, c.channels, side, side, device=device), torch.zeros(1, device=device),
-            torch.randn(1, c.cond_images_channels, side, side, device=device))
+    return (torch.randn(batch, c.channels, side, side, device=device), torch.zeros(batch, device=device),
+            torch.randn(batch, c.cond_images_channels, side, side, device=device))
+
+
+def unet_ms(models, device, batch, repeats):
+    """Return the median ms of one call of the models' UNet at a batch size."""
+    inputs = unet_inputs(models, device, batch)
+    with torch.no_grad():
+        return 1e3 * median_seconds(lambda: (models.unet or models.vldm.unet)(*inputs), device, repeats, warmup=3)
 
 
 def component_ms(models, scene, device, repeats):
@@ -200,12 +225,8 @@ def one_scene(config, models, prepared, path, args, work):
     row["nerf_step_ms"] = 1e3 * median_seconds(lambda: context_step(run), device, args.repeats, warmup=3)
     bootstrap, guided = phase_iterations(run.config, args.warmup + args.timed)
     row["bootstrap_iteration_s"] = mean_iteration_s(run, bootstrap, args.warmup, device)
-    calls_before = counted.calls
-    row["diffusion_iteration_measured_s"] = mean_iteration_s(run, guided, args.warmup, device)
-    row["unet_calls_per_iteration_seen"] = (counted.calls - calls_before) / len(guided)
-    expected = distillation_unet_calls(models.vldm.config.plms_steps)
-    row["diffusion_iteration_s"] = (row["diffusion_iteration_measured_s"]
-                                    + (expected - row["unet_calls_per_iteration_seen"]) * row["unet_ms"] / 1e3)
+    row.update(guided_iteration_s(run, counted, guided, args.warmup, device, row["unet_ms"],
+                                  distillation_unet_calls(models.vldm.config.plms_steps)))
     if args.profile and path == args.batched_path:
         print_profile("NeRF step (context)", lambda: context_step(run), device)
         print_profile("diffusion iteration", lambda: run.step(guided[-1]), device)
@@ -275,12 +296,14 @@ def scenes_at_once(models, prepared, fixed, args):
     """
     device = torch.device(args.device)
     before = allocated_gib(device)
-    runs = [distillation(models, prepared, seed=seed) for seed in range(max(args.scenes_at_once, default=0))]
+    counted = CountedCalls(models.unet or models.vldm.unet)
+    counting = replace(models, unet=counted)  # one Models for all: scenes at once share their guidance's models
+    runs = [distillation(counting, prepared, seed=seed) for seed in range(max(args.scenes_at_once, default=0))]
     per_scene = None if before is None else (allocated_gib(device) - before) / len(runs)
     rows = []
     for n in args.scenes_at_once:
         stepper = runs[0] if n == 1 else MultiSceneDistillation(runs[:n])
-        row = {"scenes_at_once": n, **iteration_times(stepper, args)}
+        row = {"scenes_at_once": n, **iteration_times(stepper, counted, models, n, n, args)}
         row["scenes_per_hour"] = 3600 * n / (n * fixed_s(fixed) + phases_s(runs[0].config, row))
         if per_scene is not None:
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 - (len(runs) - n) * per_scene
@@ -290,22 +313,29 @@ def scenes_at_once(models, prepared, fixed, args):
     return rows
 
 
-def iteration_times(stepper, args):
-    """Return {bootstrap_iteration_s, diffusion_iteration_s} of a batched mode's stepper (batched_timed of each)."""
+def iteration_times(stepper, counted, models, scenes, batch, args):
+    """Return the bootstrap and guided iteration times of a batched mode's stepper (batched_timed of each), the
+    guided one corrected to the expected UNet calls of `scenes` at once at the UNet's ms at batch `batch`.
+
+    counted: the UNet of the stepper's guidance, counting its calls.
+    """
     device = torch.device(args.device)
-    config = stepper.config
-    bootstrap, guided = phase_iterations(config, args.warmup + args.batched_timed)
-    return {"bootstrap_iteration_s": mean_iteration_s(stepper, bootstrap, args.warmup, device),
-            "diffusion_iteration_s": mean_iteration_s(stepper, guided, args.warmup, device)}
+    bootstrap, guided = phase_iterations(stepper.config, args.warmup + args.batched_timed)
+    row = {"bootstrap_iteration_s": mean_iteration_s(stepper, bootstrap, args.warmup, device),
+           "unet_ms": unet_ms(models, device, batch, args.repeats)}
+    expected = distillation_unet_calls(models.vldm.config.plms_steps, scenes)
+    row.update(guided_iteration_s(stepper, counted, guided, args.warmup, device, row["unet_ms"], expected))
+    return row
 
 
 def views_per_step(models, prepared, fixed, args):
     """Return a row per K of --views_per_step: iteration times and the scene's seconds with both phases divided by K
     (scene_s) and with the diffusion phase alone divided by K (scene_diffusion_divided_s)."""
     rows = []
+    counted = CountedCalls(models.unet or models.vldm.unet)
     for k in args.views_per_step:
-        run = distillation(models, prepared, views_per_step=k)
-        row = {"views_per_step": k, **iteration_times(run, args)}
+        run = distillation(replace(models, unet=counted), prepared, views_per_step=k)
+        row = {"views_per_step": k, **iteration_times(run, counted, models, 1, k, args)}
         row["scene_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k)
         row["scene_diffusion_divided_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k, bootstrap_scale=1)
         rows.append(row)
