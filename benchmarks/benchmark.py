@@ -175,18 +175,29 @@ def unet_inputs(models, device, batch=1):
             torch.randn(batch, c.cond_images_channels, side, side, device=device))
 
 
+def unet_of(models):
+    """Return the UNet callable the guidance runs: the fast path's, or the VLDM's own module (eager)."""
+    return models.unet or models.vldm.unet
+
+
+def counting(models):
+    """Return (models whose UNet counts its calls, that CountedCalls)."""
+    counted = CountedCalls(unet_of(models))
+    return replace(models, unet=counted), counted
+
+
 def unet_ms(models, device, batch, repeats):
     """Return the median ms of one call of the models' UNet at a batch size."""
     inputs = unet_inputs(models, device, batch)
     with torch.no_grad():
-        return 1e3 * median_seconds(lambda: (models.unet or models.vldm.unet)(*inputs), device, repeats, warmup=3)
+        return 1e3 * median_seconds(lambda: unet_of(models)(*inputs), device, repeats, warmup=3)
 
 
 def component_ms(models, scene, device, repeats):
     """Return {unet_ms, vae_encode_ms, vae_decode_ms, lpips_ms} at batch 1 (one image of the scene)."""
     image = scene.images[:1]
     latents, log_snr, features = unet_inputs(models, device)
-    unet = models.unet or models.vldm.unet
+    unet = unet_of(models)
     with torch.no_grad():
         calls = {"unet_ms": lambda: unet(latents, log_snr, features),
                  "vae_encode_ms": lambda: models.codec.encode_images(image),
@@ -206,7 +217,7 @@ def first_unet_call_s(models, device):
     inputs = unet_inputs(models, device)
     synchronize(device)
     start = time.perf_counter()
-    (models.unet or models.vldm.unet)(*inputs)
+    unet_of(models)(*inputs)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -217,9 +228,9 @@ def one_scene(config, models, prepared, path, args, work):
     models = replace(models, unet=unet_callable(models.vldm, path, device))
     row = {"path": path, "first_unet_call_s": first_unet_call_s(models, device)}
     row.update(component_ms(models, prepared[3], device, args.repeats))
-    counted = CountedCalls(models.unet or models.vldm.unet)
+    counted_models, counted = counting(models)
     start = time.perf_counter()
-    run = distillation(replace(models, unet=counted), prepared, **NERF_VARIANTS["eager" if path == "eager" else "graphs"])
+    run = distillation(counted_models, prepared, **NERF_VARIANTS["eager" if path == "eager" else "graphs"])
     synchronize(device)
     row["eft_cache_s"] = time.perf_counter() - start
     row["nerf_step_ms"] = 1e3 * median_seconds(lambda: context_step(run), device, args.repeats, warmup=3)
@@ -296,9 +307,8 @@ def scenes_at_once(models, prepared, fixed, args):
     """
     device = torch.device(args.device)
     before = allocated_gib(device)
-    counted = CountedCalls(models.unet or models.vldm.unet)
-    counting = replace(models, unet=counted)  # one Models for all: scenes at once share their guidance's models
-    runs = [distillation(counting, prepared, seed=seed) for seed in range(max(args.scenes_at_once, default=0))]
+    counted_models, counted = counting(models)  # one Models: scenes at once must share their guidance's models
+    runs = [distillation(counted_models, prepared, seed=seed) for seed in range(max(args.scenes_at_once, default=0))]
     per_scene = None if before is None else (allocated_gib(device) - before) / len(runs)
     rows = []
     for n in args.scenes_at_once:
@@ -332,9 +342,9 @@ def views_per_step(models, prepared, fixed, args):
     """Return a row per K of --views_per_step: iteration times and the scene's seconds with both phases divided by K
     (scene_s) and with the diffusion phase alone divided by K (scene_diffusion_divided_s)."""
     rows = []
-    counted = CountedCalls(models.unet or models.vldm.unet)
+    counted_models, counted = counting(models)
     for k in args.views_per_step:
-        run = distillation(replace(models, unet=counted), prepared, views_per_step=k)
+        run = distillation(counted_models, prepared, views_per_step=k)
         row = {"views_per_step": k, **iteration_times(run, counted, models, 1, k, args)}
         row["scene_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k)
         row["scene_diffusion_divided_s"] = fixed_s(fixed) + phases_s(run.config, row, scale=k, bootstrap_scale=1)

@@ -26,6 +26,8 @@ differences of batched kernels (tests/test_multi_scene.py checks this).
     histories, laps = run_multi_scene(MultiSceneDistillation(scenes))   # scenes[s].nerf: scene s's NeRF
 """
 
+from itertools import accumulate
+
 import torch
 
 from sparsefusion.distill import History, run_iterations, train_renders, upsampled, uses_graphs
@@ -65,13 +67,13 @@ class MultiSceneDistillation:
         self.optimizer = nerf_optimizer(self.nerf.get_params(cfg.lr), cfg.lr, graphed)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
         self.device_generators = [scene.device_generator for scene in self.scenes]
-        self.steps = NeRFSteps(self.render_index, self.nerf.parameters(), self.optimizer, self.device_generators,
-                               graphed)
         # every scene's cached cameras' rays in one table, scene s's from row first_rows[s]
         self.train_rays = tuple(torch.cat([scene.train_rays[i] for scene in self.scenes]) for i in range(2))
-        self.first_rows = torch.tensor([0] + [len(scene.train_rays[0]) for scene in self.scenes]).cumsum(0).tolist()
+        self.first_rows = list(accumulate((len(scene.train_rays[0]) for scene in self.scenes), initial=0))
         for scene, first, end in zip(self.scenes, self.first_rows, self.first_rows[1:]):
             scene.train_rays = tuple(rays[first:end] for rays in self.train_rays)  # views: the rays are held once
+        self.steps = NeRFSteps(self.render_index, self.nerf.parameters(), self.optimizer, self.device_generators,
+                               graphed)
 
     def render_train(self, views):
         """Return per scene (images (K, 3, s, s), silhouettes (K, 1, s, s)) of its augmented cameras views[s] (K ints).
